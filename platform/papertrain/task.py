@@ -1,0 +1,54 @@
+"""What a recipe's task and data provide to the trainer.
+
+A recipe's `task.py` defines a class with these methods (no base class needed); its `data` section
+builds an object with `.train` and `.val` data sets. The trainer calls nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+Batch = dict[str, torch.Tensor]
+
+
+class Examples(Protocol):
+    """A data split: numbered examples, gathered into a batch by index."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, indices: torch.Tensor) -> Batch: ...
+
+
+class Data(Protocol):
+    train: Examples
+    val: Examples
+
+
+class Task(Protocol):
+    unit: str  # what throughput counts: "tokens" or "samples"
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The scalar training loss of one micro-batch, and extra metrics to log (detached)."""
+        ...
+
+    def evaluate(self, model: nn.Module, batch: Batch) -> dict[str, float | torch.Tensor]:
+        """Validation metrics of one batch (averaged over the eval set, weighted by batch size)."""
+        ...
+
+    def count(self, batch: Batch) -> int:
+        """How many `unit`s the batch holds (tokens for a language model)."""
+        ...
+
+
+class OptionalTaskHooks(Protocol):
+    def prepare(self, model: nn.Module, data: Any) -> None:
+        """Check that model and data fit together (e.g. vocabulary sizes); raise PapertrainError if not."""
+        ...
+
+    def sample(self, model: nn.Module, data: Any, generator: torch.Generator) -> dict[str, Any]:
+        """Named samples to save: text (str), images (a [N, C, H, W] or [C, H, W] tensor in [0, 1]) or a
+        matplotlib figure; numbers (int, float) are logged as metrics `sample/<name>`."""
+        ...

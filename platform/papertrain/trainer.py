@@ -1,0 +1,428 @@
+"""The one training loop, for every recipe.
+
+    setup()   seed -> device -> data -> model -> task -> optimizer -> scheduler -> resume
+    train()   for each step: micro-batches (forward, backward) -> clip -> optimizer step -> schedule
+              every N steps: log, evaluate, sample, checkpoint
+    finish()  final evaluation, samples and checkpoint; summary.json; loss plot
+
+What a step computes is fixed by (seed, step) alone: the batch comes from `EpochSampler.indices(step)`,
+and a checkpoint holds model, optimizer, scheduler and every RNG. That is why a resumed run continues
+bit-identically on CPU, and why N ranks compute what one process computes on the same global batch.
+Ctrl-C (SIGINT) or SIGTERM finishes the current step, saves a checkpoint and exits; a second Ctrl-C
+stops at once (the last complete checkpoint is untouched, as saves are atomic).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import signal
+import sys
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from papertrain.checkpoint import CheckpointDir
+from papertrain.config import LoadedConfig, dump_yaml, instantiate
+from papertrain.data.sampler import EpochSampler, evaluation_indices, shard
+from papertrain.errors import PapertrainError
+from papertrain.metrics import (MetricsLog, Progress, format_duration, last_values, plot_curves, read_metrics,
+                                truncate_metrics)
+from papertrain.rundir import check_resumable
+from papertrain.seeding import capture_rng, restore_rng, seed_everything, set_deterministic
+from papertrain.strategies import SingleDevice, Strategy, memory_by_kind, pick_device, pick_precision
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    status: str  # "completed", "interrupted" or "already complete"
+    step: int
+    wall_s: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+    samples: list[Path] = field(default_factory=list)
+    plot: Path | None = None
+
+
+def weight_decay_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """Decay matrices and embeddings only; biases and norm gains get none (GPT-1 §4.1, and common practice).
+
+    The optimizer's own `weight_decay` applies to the first group; the second overrides it with 0.
+    """
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups: list[dict[str, Any]] = [{"params": decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+class _StopRequest:
+    """Turns the first SIGINT/SIGTERM into "stop after this step"; a second SIGINT interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        print(f"\n{self.requested}: finishing this step, then saving a checkpoint (Ctrl-C again to stop now)",
+              file=sys.stderr, flush=True)
+
+    def uninstall(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+
+class Trainer:
+    def __init__(self, config: LoadedConfig, run_dir: Path, strategy: Strategy | None = None):
+        self.config = config
+        self.cfg = config.run
+        self.tc = config.run.trainer
+        self.run_dir = Path(run_dir)
+        self.strategy = strategy
+        self.step = 0
+        self.stop = _StopRequest()
+        self.saved_step = -1  # step of the last checkpoint written or loaded
+        self.evaluated_step = -1
+        self.sampled_step = -1
+        self.sample_paths: list[Path] = []
+
+    # == setup ==========================================================================================
+    def setup(self) -> None:
+        tc = self.tc
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        seed_everything(self.cfg.seed)
+        set_deterministic(tc.deterministic)
+        if self.strategy is None:
+            device = pick_device(tc.device)
+            self.strategy = SingleDevice(device, pick_precision(tc.precision, device))
+        strategy = self.strategy
+        self.device = strategy.device
+        self._check_batch_size()
+
+        check_resumable(self.run_dir, self.config.tree)  # before any work: refuse a mismatched run early
+
+        self.data = instantiate(self.cfg.data)
+        self.raw_model = strategy.prepare_model(lambda: instantiate(self.cfg.model))
+        self.task = instantiate(self.cfg.task)
+        if hasattr(self.task, "prepare"):
+            self.task.prepare(self.raw_model, self.data)
+        self.optimizer = strategy.prepare_optimizer(
+            self.raw_model, lambda m: instantiate(self.cfg.optimizer, params=weight_decay_groups(m)))
+        self.scheduler = (instantiate(self.cfg.scheduler, optimizer=self.optimizer)
+                          if self.cfg.scheduler else None)
+        self.model = torch.compile(self.raw_model) if tc.compile else self.raw_model
+
+        # nothing is written until data, model and task were built without error
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoints = CheckpointDir(self.run_dir / "checkpoints", tc.keep_last)
+        if strategy.is_main:
+            self.checkpoints.remove_partial()
+
+        self.train_sampler = EpochSampler(len(self.data.train), tc.batch_size, seed=self.cfg.seed)
+        n_eval = tc.eval_batches * tc.batch_size
+        n_eval -= min(n_eval, len(self.data.val)) % strategy.world_size  # equal shares for every rank
+        self.eval_indices = evaluation_indices(len(self.data.val), n_eval)
+
+        self._resume()
+        self.log = MetricsLog(self.run_dir, tensorboard=tc.tensorboard, enabled=strategy.is_main)
+        if strategy.is_main:
+            (self.run_dir / "config.yaml").write_text(dump_yaml(self.config.tree))
+            tokenizer = getattr(self.data, "tokenizer", None)
+            if tokenizer is not None and hasattr(tokenizer, "to_json"):
+                (self.run_dir / "tokenizer.json").write_text(json.dumps(tokenizer.to_json()))
+
+    def _check_batch_size(self) -> None:
+        tc, world = self.tc, self.strategy.world_size
+        per_step = world * tc.grad_accum_steps
+        if tc.batch_size % per_step:
+            raise PapertrainError(
+                f"trainer.batch_size={tc.batch_size} is the global batch; it must split evenly into "
+                f"{world} rank(s) x {tc.grad_accum_steps} micro-batch(es) = {per_step}",
+                f"use a multiple of {per_step}, e.g. trainer.batch_size={max(per_step, tc.batch_size // per_step * per_step)}")
+
+    def _resume(self) -> None:
+        latest = self.checkpoints.latest()
+        if latest is None:
+            if self.strategy.is_main:
+                truncate_metrics(self.run_dir / "metrics.jsonl", -1)
+            return
+        step, folder = latest
+        state = self.strategy.load(folder, self.raw_model)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        restore_rng(state["rng"])  # last: nothing may draw random numbers between here and the next step
+        self.step = self.saved_step = self.evaluated_step = self.sampled_step = state["step"]
+        if self.strategy.is_main:
+            truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+        self.resumed_from = folder
+
+    # == the loop =======================================================================================
+    def run(self) -> RunResult:
+        started = time.perf_counter()
+        self.setup()
+        total = self.tc.max_steps
+        if self.step >= total:
+            self.log.close()
+            return RunResult(self.run_dir, "already complete", self.step, 0.0,
+                             last_values(read_metrics(self.run_dir / "metrics.jsonl")))
+        self._announce()
+        progress = Progress(self.tc.progress, total, self.step, enabled=self.strategy.is_main)
+        self.progress = progress
+        self.stop.install()
+        status = "completed"
+        try:
+            status = self._train(progress)
+            self._finish(final=status == "completed")
+        finally:
+            self.stop.uninstall()
+            progress.close()
+        plot = self._plot() if self.strategy.is_main and self.tc.plot else None
+        metrics = last_values(read_metrics(self.run_dir / "metrics.jsonl")) if self.strategy.is_main else {}
+        wall = time.perf_counter() - started
+        if self.strategy.is_main and status == "completed":
+            summary = {"status": status, "step": self.step, "wall_s": round(wall, 1),
+                       **{k: v for k, v in metrics.items() if k != "time" and not isinstance(v, str)}}
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.log.close()
+        self.strategy.teardown()
+        return RunResult(self.run_dir, status, self.step, wall, metrics, self.sample_paths, plot)
+
+    def _announce(self) -> None:
+        if not self.strategy.is_main:
+            return
+        n_params = sum(p.numel() for p in self.raw_model.parameters())
+        describe = getattr(self.data, "describe", None)
+        lines = [f"run dir: {self.run_dir}",
+                 f"model:   {type(self.raw_model).__name__}, {n_params / 1e6:.2f}M parameters",
+                 f"data:    {describe() if describe else type(self.data).__name__}",
+                 f"device:  {self.strategy.describe()}, global batch {self.tc.batch_size}"]
+        if self.step:
+            lines.append(f"resumed: from {self.resumed_from} (step {self.step})")
+        print("\n".join(lines), flush=True)
+
+    def _train(self, progress: Progress) -> str:
+        tc = self.tc
+        window_loss = torch.zeros((), device=self.device)
+        window_steps, window_units, window_time = 0, 0, 0.0
+        extra: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
+        step_time_avg: float | None = None
+        while self.step < tc.max_steps:
+            if self.stop.requested:
+                self._save()
+                return "interrupted"
+            tick = time.perf_counter()
+            loss, parts, units, grad_norm = self.train_step()
+            window_loss += loss
+            for k, v in parts.items():
+                extra[k] += v
+            window_steps += 1
+            window_units += units
+            window_time += time.perf_counter() - tick
+
+            if self.step % tc.log_every == 0 or self.step == tc.max_steps:
+                mean = self.strategy.mean_across_ranks(
+                    {"train/loss": (window_loss / window_steps).item(),
+                     **{f"train/{k}": (v / window_steps).item() for k, v in extra.items()}})
+                rate = window_units * self.strategy.world_size / max(window_time, 1e-9)
+                per_step = window_time / window_steps
+                step_time_avg = per_step if step_time_avg is None else 0.7 * step_time_avg + 0.3 * per_step
+                values = {**mean, "train/lr": self.optimizer.param_groups[0]["lr"],
+                          f"throughput/{self.task.unit}_per_s": rate,
+                          "memory/peak_bytes": peak_memory_bytes(self.device)}
+                if grad_norm is not None:
+                    values["train/grad_norm"] = float(grad_norm)
+                self.log.log(self.step, values)
+                eta = step_time_avg * (tc.max_steps - self.step)
+                progress.update(self.step, {"loss": f"{mean['train/loss']:.4f}", self.task.unit + "/s": f"{rate:,.0f}"},
+                                eta)
+                window_loss.zero_()
+                extra.clear()
+                window_steps, window_units, window_time = 0, 0, 0.0
+
+            if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.max_steps:
+                self._evaluate()
+            if tc.sample_every and self.step % tc.sample_every == 0 and self.step < tc.max_steps:
+                self._sample()
+            if tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
+                self._save()
+        return "completed"
+
+    def train_step(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], int, torch.Tensor | None]:
+        """One optimizer step on the global batch of `self.step`, then `self.step += 1`.
+
+        Returns the step's mean loss, extra metrics, units (tokens) seen by this rank, and the gradient norm.
+        """
+        tc, strategy = self.tc, self.strategy
+        indices = self.train_sampler.indices(self.step)
+        self.model.train()
+        total = torch.zeros((), device=self.device)
+        parts_total: dict[str, torch.Tensor] = {}
+        units = 0
+        for micro in range(tc.grad_accum_steps):
+            local = shard(indices, strategy.rank, strategy.world_size, tc.grad_accum_steps, micro)
+            batch = to_device(self.data.train.batch(local), self.device)
+            with strategy.micro_step_context(self.model, micro == tc.grad_accum_steps - 1):
+                with strategy.autocast():
+                    loss, parts = self.task.loss(self.model, batch)
+                strategy.backward(loss / tc.grad_accum_steps)
+            total += loss.detach().float() / tc.grad_accum_steps
+            for k, v in parts.items():
+                parts_total[k] = parts_total.get(k, 0) + v.detach().float() / tc.grad_accum_steps
+            units += self.task.count(batch)
+        grad_norm = strategy.clip_and_step(self.model, self.optimizer, tc.grad_clip)
+        if self.step == 0:  # model-state bytes per rank, once gradients and optimizer state exist
+            self.log.log(1, memory_by_kind(self.raw_model, self.optimizer))
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.step += 1
+        if not torch.isfinite(total):
+            raise PapertrainError(
+                f"training loss became {total.item()} at step {self.step}",
+                "lower optimizer.lr, enable trainer.grad_clip, or use trainer.precision=fp32; "
+                f"the last good checkpoint is in {self.run_dir / 'checkpoints'}")
+        return total, parts_total, units, grad_norm
+
+    # == evaluation, samples, checkpoints ==============================================================
+    def _evaluate(self) -> dict[str, float]:
+        strategy, batch_size = self.strategy, self.tc.batch_size
+        self.model.eval()
+        sums: dict[str, float] = defaultdict(float)
+        seen = 0
+        with torch.no_grad():
+            for start in range(0, len(self.eval_indices), batch_size):
+                chunk = self.eval_indices[start:start + batch_size]
+                local = shard(chunk, strategy.rank, strategy.world_size, 1, 0)
+                batch = to_device(self.data.val.batch(local), self.device)
+                with strategy.autocast():
+                    values = self.task.evaluate(self.model, batch)
+                for k, v in values.items():
+                    sums[k] += float(v) * len(local)
+                seen += len(local)
+        means = strategy.mean_across_ranks({f"val/{k}": v / max(seen, 1) for k, v in sums.items()})
+        self.log.log(self.step, means)
+        self.evaluated_step = self.step
+        if strategy.is_main:
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in means.items())
+            self.progress.write(f"step {self.step}: {shown}")
+        return means
+
+    def _sample(self) -> None:
+        if not hasattr(self.task, "sample"):
+            return
+        generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed * 7919 + self.step)
+        self.raw_model.eval()
+        with torch.no_grad(), self.strategy.autocast():
+            samples = self.task.sample(self.raw_model, self.data, generator)
+        self.sampled_step = self.step
+        if self.strategy.is_main and samples:
+            self.sample_paths = write_samples(self.run_dir / "samples", self.step, samples)
+            self.log.log(self.step, {f"sample/{k}": v for k, v in samples.items()
+                                     if isinstance(v, (str, int, float)) and not isinstance(v, bool)})
+            if self.sample_paths:
+                self.progress.write(f"step {self.step}: samples -> {', '.join(map(str, self.sample_paths))}")
+
+    def _save(self) -> None:
+        if self.saved_step == self.step:
+            return
+        state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                 "rng": capture_rng(),
+                 "data": {"step": self.step, "epoch": self.train_sampler.epoch_of(self.step)}}
+        meta = {"world_size": self.strategy.world_size, "strategy": self.strategy.name}
+        self.checkpoints.save(self.step, lambda folder: self.strategy.save(folder, self.raw_model, state), meta)
+        self.saved_step = self.step
+
+    def _finish(self, final: bool) -> None:
+        if final:
+            if self.evaluated_step != self.step:
+                self._evaluate()
+            if self.sampled_step != self.step:
+                self._sample()
+        self._save()
+        if not final and self.strategy.is_main:
+            print(f"interrupted at step {self.step}; checkpoint saved in {self.run_dir / 'checkpoints'}. "
+                  "Run the same command again to resume.", file=sys.stderr, flush=True)
+
+    def _plot(self) -> Path | None:
+        name = self.cfg.name or self.run_dir.name
+        return plot_curves(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "plots" / "loss.png", name)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated accelerator memory; on CPU, the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def write_samples(folder: Path, step: int, samples: dict[str, Any]) -> list[Path]:
+    """Text samples go into one .txt per step; images (tensors, or matplotlib figures) into PNGs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    texts = {k: v for k, v in samples.items() if isinstance(v, str)}
+    if texts:
+        path = folder / f"step_{step:08d}.txt"
+        if len(texts) == 1:
+            path.write_text(next(iter(texts.values())) + "\n")
+        else:
+            path.write_text("".join(f"=== {k} ===\n{v}\n\n" for k, v in texts.items()))
+        written.append(path)
+    for name, value in samples.items():
+        path = folder / f"step_{step:08d}_{name}.png"
+        if isinstance(value, torch.Tensor):
+            save_image_grid(value, path)
+        elif hasattr(value, "savefig"):  # a matplotlib figure the task drew (axes, labels, colour bars)
+            import matplotlib.pyplot as plt
+
+            value.savefig(path, dpi=110)
+            plt.close(value)
+        else:
+            continue
+        written.append(path)
+    return written
+
+
+def save_image_grid(images: torch.Tensor, path: Path, columns: int = 8) -> None:
+    """[N, C, H, W] or [C, H, W] in [0, 1] -> one PNG, tiled in rows of `columns`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images = images.detach().float().cpu().clamp(0, 1)
+    if images.dim() == 3:
+        images = images[None]
+    n, c, h, w = images.shape
+    columns = min(columns, n)
+    rows = (n + columns - 1) // columns
+    grid = torch.ones(c, rows * (h + 2), columns * (w + 2))
+    for i in range(n):
+        r, col = divmod(i, columns)
+        grid[:, r * (h + 2) + 1:r * (h + 2) + 1 + h, col * (w + 2) + 1:col * (w + 2) + 1 + w] = images[i]
+    array = grid.permute(1, 2, 0).numpy()
+    plt.imsave(path, array[..., 0] if c == 1 else array, cmap="gray" if c == 1 else None)

@@ -1,0 +1,1 @@
+"""The papers, one folder each: `papertrain.recipes.<family>.<paper>` (see `papertrain ls`)."""

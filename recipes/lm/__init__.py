@@ -1,0 +1,1 @@
+"""Language-model techniques that are not architectures (decoding, ...)."""

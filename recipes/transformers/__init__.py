@@ -1,0 +1,1 @@
+"""Transformers: attention, the building blocks, GPT, and their descendants."""

@@ -1,0 +1,53 @@
+"""Language modelling (GPT §3.1, eq. 1): maximise Σᵢ log P(uᵢ | u_{<i}), i.e. minimise the mean
+cross-entropy of every next token in every window. On characters the loss is in nats per character.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from papertrain.errors import PapertrainError
+from papertrain.recipes.lm.sampling.model import Sampler, generate
+
+
+class LanguageModelTask:
+    unit = "tokens"
+
+    def __init__(self, prompt: str = "\n", sample_tokens: int = 500, temperature: float = 0.8,
+                 top_k: int | None = None, top_p: float | None = None):
+        self.prompt = prompt
+        self.sample_tokens = sample_tokens
+        self.sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p)
+
+    def prepare(self, model: nn.Module, data) -> None:
+        tokenizer_vocab = data.tokenizer.vocab_size
+        if model.vocab_size < tokenizer_vocab:
+            raise PapertrainError(f"model.vocab_size={model.vocab_size} is smaller than the tokenizer's "
+                                  f"{tokenizer_vocab} tokens ({data.describe()})",
+                                  f"set model.vocab_size={tokenizer_vocab}")
+        if data.block_size > model.block_size:
+            raise PapertrainError(f"data.block_size={data.block_size} is longer than model.block_size="
+                                  f"{model.block_size} (the model has no position embedding beyond it)",
+                                  f"set model.block_size={data.block_size} or data.block_size={model.block_size}")
+        data.tokenizer.encode(self.prompt)  # fail now, not after training, if the prompt cannot be encoded
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = model(batch["input_ids"])  # [B, T, V]
+        return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten()), {}
+
+    def evaluate(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        loss, _ = self.loss(model, batch)
+        return {"loss": float(loss), "bits_per_token": float(loss) / math.log(2)}
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return batch["labels"].numel()
+
+    def sample(self, model: nn.Module, data, generator: torch.Generator) -> dict[str, str]:
+        device = next(model.parameters()).device
+        prompt = torch.tensor([data.tokenizer.encode(self.prompt)], device=device)
+        ids = generate(model, prompt, self.sample_tokens, self.sampler, generator, context_size=model.block_size)
+        return {"text": data.tokenizer.decode(ids[0].tolist())}

@@ -1,0 +1,37 @@
+"""Every shipped YAML validates, and every recipe folder meets the recipe contract."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, RECIPES
+from papertrain.catalog import META_FILE, discover
+from papertrain.config import load_config
+
+CONFIGS = sorted(p for p in RECIPES.glob("*/*/*.yaml") if p.name != META_FILE)
+RECIPE_DIRS = sorted(p.parent for p in RECIPES.glob(f"*/*/{META_FILE}"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(RECIPES)))
+def test_shipped_config_is_valid(path: Path) -> None:
+    config = load_config(path)
+    assert config.run.name == path.parent.name, "a recipe's config names its recipe (runs go to runs/<name>)"
+
+
+@pytest.mark.parametrize("folder", RECIPE_DIRS, ids=lambda p: p.name)
+def test_recipe_folder_has_everything_the_contract_asks(folder: Path) -> None:
+    for required in ("model.py", "task.py", "tiny.yaml", "README.md", "meta.yaml", "__init__.py"):
+        assert (folder / required).is_file(), f"{folder.name} lacks {required}"
+    meta = yaml.safe_load((folder / "meta.yaml").read_text())
+    assert meta["title"] and meta["paper"] and meta["url"].startswith("http")
+    model_doc = (folder / "model.py").read_text().split('"""')[1]
+    assert len(model_doc.splitlines()) >= 10, "model.py opens with the paper's idea in prose"
+    tests = list((REPO / "tests" / "recipes").glob(f"test_{folder.name}.py"))
+    assert tests, f"tests/recipes/test_{folder.name}.py is missing"
+
+
+def test_recipe_names_are_unique() -> None:
+    assert len(discover()) == len(RECIPE_DIRS)
