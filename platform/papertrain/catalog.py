@@ -12,7 +12,6 @@ A recipe folder holds `meta.yaml` (title, paper, the goal its tiny config must r
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import platform
@@ -23,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from papertrain.errors import PapertrainError
+from papertrain.errors import PapertrainError, did_you_mean
 
 META_FILE = "meta.yaml"
 RESULTS_FILE = "results.json"
@@ -122,8 +121,8 @@ def resolve_target(target: str) -> tuple[Path, Recipe | None]:
     name = name.rstrip("/").split("/")[-1]
     recipes = discover()
     if name not in recipes:
-        close = difflib.get_close_matches(name, list(recipes), n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
+        close = did_you_mean(name, recipes)
+        hint = f"did you mean '{close}'? " if close else ""
         raise PapertrainError(f"no recipe named '{name}'", f"{hint}`papertrain ls` lists them")
     recipe = recipes[name]
     return recipe.config_path(config or DEFAULT_CONFIG), recipe

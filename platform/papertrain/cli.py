@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -46,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,6 +205,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     from papertrain.config import dump_yaml
+    from papertrain.config.yamlfile import origin_of
     from papertrain.rundir import flatten
 
     config, _ = _load(args)
@@ -208,20 +213,12 @@ def cmd_show(args: argparse.Namespace) -> int:
         flat = flatten(config.tree)
         width = max(len(k) for k in flat)
         for key, value in flat.items():
-            where = _origin_of(key, config.origins) or "default"
+            where = origin_of(key, config.origins) or "default"
             print(f"{key.ljust(width)}  {json.dumps(value)}  # {where}")
     else:
         print(f"# {config.source}" + (f" with {' '.join(args.overrides)}" if args.overrides else ""))
         print(dump_yaml(config.tree), end="")
     return 0
-
-
-def _origin_of(key: str, origins: dict[str, str]) -> str | None:
-    while key:
-        if key in origins:
-            return origins[key]
-        key = key.rpartition(".")[0]
-    return None
 
 
 if __name__ == "__main__":

@@ -7,7 +7,15 @@ Everything else is a bug in papertrain and keeps its traceback.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
+from typing import Iterable
+
+
+def did_you_mean(name: str, options: Iterable[str]) -> str | None:
+    """The closest of `options` to a mistyped `name`, if any is close enough to suggest."""
+    close = difflib.get_close_matches(name, [str(o) for o in options], n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 class PapertrainError(Exception):

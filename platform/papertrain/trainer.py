@@ -32,8 +32,7 @@ from papertrain.checkpoint import CheckpointDir
 from papertrain.config import LoadedConfig, dump_yaml, instantiate
 from papertrain.data.sampler import EpochSampler, evaluation_indices, shard
 from papertrain.errors import PapertrainError
-from papertrain.metrics import (MetricsLog, Progress, format_duration, last_values, plot_curves, read_metrics,
-                                truncate_metrics)
+from papertrain.metrics import MetricsLog, Progress, last_values, plot_curves, read_metrics, truncate_metrics
 from papertrain.rundir import check_resumable
 from papertrain.seeding import capture_rng, restore_rng, seed_everything, set_deterministic
 from papertrain.strategies import SingleDevice, Strategy, memory_by_kind, pick_device, pick_precision

@@ -116,3 +116,15 @@ def test_python_platform_module_still_works_from_the_repo_root() -> None:
     result = subprocess.run([sys.executable, "-c", "import platform; print(platform.system())"], cwd=REPO,
                             capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() in ("Linux", "Darwin", "Windows")
+
+
+def test_progress_bar_shows_loss_throughput_and_eta(tmp_path: Path) -> None:
+    # later overrides win: these replace SMALL_GPT's trainer.progress=none
+    result = papertrain("run", "gpt", *SMALL_GPT, "trainer.progress=bar", "trainer.max_steps=30",
+                        "--run-dir", str(tmp_path / "r"))
+    assert result.returncode == 0, result.stderr
+    assert "loss=" in result.stderr and "tokens/s=" in result.stderr and "30/30 [" in result.stderr
+    assert "<00:00" in result.stderr  # tqdm's ETA at the end
+    plain = papertrain("run", "gpt", *SMALL_GPT, "trainer.progress=plain", "trainer.max_steps=4",
+                       "trainer.log_every=2", "--run-dir", str(tmp_path / "p"))
+    assert "step 4/4 | loss " in plain.stdout and "eta" in plain.stdout

@@ -186,3 +186,14 @@ def test_ctrl_c_saves_a_checkpoint_and_the_rerun_finishes_identically(tmp_path: 
     straight = tmp_path / "straight"
     subprocess.run([*args, "--run-dir", str(straight)], env=env, check=True, capture_output=True)
     assert losses(interrupted) == losses(straight)
+
+
+def test_bf16_autocast_runs_on_cpu_and_fp16_there_is_refused(tmp_path: Path) -> None:
+    from papertrain.strategies import SingleDevice
+
+    with SingleDevice(torch.device("cpu"), "bf16").autocast():
+        assert torch.nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.bfloat16
+    result = train(tmp_path / "bf16", "trainer.max_steps=3", "trainer.precision=bf16")
+    assert math.isfinite(result.metrics["train/loss"]) and math.isfinite(result.metrics["val/loss"])
+    with pytest.raises(PapertrainError, match="fp16 needs a GPU"):
+        train(tmp_path / "fp16", "trainer.max_steps=1", "trainer.precision=fp16")

@@ -11,10 +11,11 @@ sections with their own `_component_` are built first, depth first.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import pkgutil
 from typing import Any, Callable
+
+from papertrain.errors import did_you_mean
 
 COMPONENT_KEY = "_component_"
 
@@ -46,7 +47,8 @@ def locate(path: str) -> Callable[..., Any]:
         attribute = parts[depth]
         if not hasattr(obj, attribute):
             where = ".".join(parts[:depth])
-            hint = _did_you_mean(attribute, _names_in(obj))
+            close = did_you_mean(attribute, _names_in(obj))
+            hint = f" (did you mean '{close}'?)" if close else ""
             raise ComponentNotFound(f"'{where}' has no '{attribute}'{hint}")
         obj = getattr(obj, attribute)
     if not callable(obj):
@@ -59,11 +61,6 @@ def _names_in(obj: Any) -> list[str]:
     if hasattr(obj, "__path__"):  # a package: its submodules count too, imported or not
         names += [info.name for info in pkgutil.iter_modules(obj.__path__)]
     return names
-
-
-def _did_you_mean(name: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def is_component(value: Any) -> bool:

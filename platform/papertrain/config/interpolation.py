@@ -10,13 +10,12 @@ also moves every value that refers to it. Cycles and unknown keys are reported a
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from typing import Any
 
 from papertrain.config.yamlfile import Origins
-from papertrain.errors import ConfigIssue
+from papertrain.errors import ConfigIssue, did_you_mean
 
 _REFERENCE = re.compile(r"\$\{([^${}]+)\}")
 
@@ -78,9 +77,8 @@ class _Resolver:
             elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
                 node = node[int(part)]
             else:
-                options = [str(k) for k in node] if isinstance(node, dict) else []
-                close = difflib.get_close_matches(part, options, n=1)
-                hint = f" (did you mean '{'.'.join(walked + [close[0]])}'?)" if close else ""
+                close = did_you_mean(part, node) if isinstance(node, dict) else None
+                hint = f" (did you mean '{'.'.join(walked + [close])}'?)" if close else ""
                 raise _Unresolvable(f"${{{ref}}} refers to a key that does not exist{hint}")
             walked.append(part)
         if isinstance(node, str) and "${" in node:

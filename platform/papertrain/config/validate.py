@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
-import difflib
 import inspect
 import types
 import typing
@@ -21,8 +20,8 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from papertrain.config.components import COMPONENT_KEY, ComponentNotFound, locate
-from papertrain.config.yamlfile import Origins
-from papertrain.errors import ConfigIssue
+from papertrain.config.yamlfile import Origins, origin_of
+from papertrain.errors import ConfigIssue, did_you_mean
 
 MISSING = "???"  # a value the user must fill in, as in `path: ???`
 
@@ -42,13 +41,7 @@ class Validator:
 
     # -- reporting -----------------------------------------------------------------------------------
     def where(self, key: str) -> str:
-        """The file:line of `key`, or of its nearest parent section that has one."""
-        probe = key
-        while probe:
-            if probe in self.origins:
-                return self.origins[probe]
-            probe = probe.rpartition(".")[0]
-        return self.default_where
+        return origin_of(key, self.origins) or self.default_where
 
     def report(self, key: str, message: str) -> None:
         self.issues.append(ConfigIssue(self.where(key), key, message))
@@ -93,8 +86,8 @@ class Validator:
         if origin is Literal:
             allowed = get_args(annotation)
             if value not in allowed:
-                close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                close = did_you_mean(str(value), allowed)
+                hint = f" (did you mean '{close}'?)" if close else ""
                 self.report(key, f"must be one of {', '.join(map(repr, allowed))}, got {_show(value)}{hint}")
             return
         if dataclasses.is_dataclass(annotation):
@@ -204,9 +197,9 @@ def _type_hints(target: Any) -> dict[str, Any]:
 
 
 def _suggest(name: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    close = did_you_mean(name, options)
     if close:
-        return f"; did you mean '{close[0]}'?"
+        return f"; did you mean '{close}'?"
     if options and len(options) <= 12:
         return f"; valid keys: {', '.join(sorted(options))}"
     return ""

@@ -24,6 +24,15 @@ _SCIENTIFIC = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 Origins = dict[str, str]  # dotted key -> "file:line" where it was last set
 
 
+def origin_of(key: str, origins: Origins) -> str | None:
+    """Where `key` was set, or else its nearest parent section (a default inside a section)."""
+    while key:
+        if key in origins:
+            return origins[key]
+        key = key.rpartition(".")[0]
+    return None
+
+
 def parse_scalar(text: str) -> Any:
     """The value of one YAML scalar as written on a command line (`1e-3` -> 0.001, `null` -> None)."""
     value = yaml.safe_load(text) if text.strip() else ""

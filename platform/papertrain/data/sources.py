@@ -23,7 +23,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from papertrain.errors import PapertrainError
+from papertrain.errors import PapertrainError, did_you_mean
 
 DOWNLOAD_TIMEOUT_S = 15
 
@@ -73,10 +73,8 @@ def offline() -> bool:
 def resolve(name: str, path: str | Path | None = None) -> dict[str, Path]:
     """Local paths of every file of data set `name` (see the module docstring for the order)."""
     if name not in REGISTRY:
-        import difflib
-
-        close = difflib.get_close_matches(name, list(REGISTRY), n=1)
-        raise PapertrainError(f"unknown data set '{name}'" + (f" (did you mean '{close[0]}'?)" if close else ""),
+        close = did_you_mean(name, REGISTRY)
+        raise PapertrainError(f"unknown data set '{name}'" + (f" (did you mean '{close}'?)" if close else ""),
                               f"known data sets: {', '.join(sorted(REGISTRY))}")
     source = REGISTRY[name]
     if path is not None:
