@@ -15,6 +15,7 @@ stops at once (the last complete checkpoint is untouched, as saves are atomic).
 from __future__ import annotations
 
 import json
+import os
 import resource
 import signal
 import sys
@@ -33,9 +34,10 @@ from papertrain.config import LoadedConfig, dump_yaml, instantiate
 from papertrain.data.sampler import EpochSampler, evaluation_indices, shard
 from papertrain.errors import PapertrainError
 from papertrain.metrics import MetricsLog, Progress, last_values, plot_curves, read_metrics, truncate_metrics
-from papertrain.rundir import check_resumable
-from papertrain.seeding import capture_rng, restore_rng, seed_everything, set_deterministic
-from papertrain.strategies import SingleDevice, Strategy, memory_by_kind, pick_device, pick_precision
+from papertrain.distributed import disconnect
+from papertrain.rundir import RunDirLock, check_resumable
+from papertrain.seeding import seed_everything, set_deterministic
+from papertrain.strategies import Strategy, build_strategy, local_bytes
 
 
 @dataclass
@@ -101,39 +103,48 @@ class Trainer:
         self.evaluated_step = -1
         self.sampled_step = -1
         self.sample_paths: list[Path] = []
+        self.owns_process_group = False
 
     # == setup ==========================================================================================
     def setup(self) -> None:
         tc = self.tc
-        if tc.threads:
-            torch.set_num_threads(tc.threads)
-        seed_everything(self.cfg.seed)
-        set_deterministic(tc.deterministic)
+        self.owns_process_group = not torch.distributed.is_initialized()
         if self.strategy is None:
-            device = pick_device(tc.device)
-            self.strategy = SingleDevice(device, pick_precision(tc.precision, device))
+            self.strategy = build_strategy(self.cfg.strategy, tc)
         strategy = self.strategy
         self.device = strategy.device
+        threads = tc.threads or (default_threads(strategy.info.local_world_size)
+                                 if strategy.world_size > 1 and self.device.type == "cpu" else None)
+        if threads:
+            torch.set_num_threads(threads)
+        seed_everything(self.cfg.seed)
+        set_deterministic(tc.deterministic)
         self._check_batch_size()
 
         check_resumable(self.run_dir, self.config.tree)  # before any work: refuse a mismatched run early
 
         self.data = instantiate(self.cfg.data)
-        self.raw_model = strategy.prepare_model(lambda: instantiate(self.cfg.model))
+        self.model, self.optimizer = strategy.prepare(
+            lambda: instantiate(self.cfg.model),
+            lambda m: instantiate(self.cfg.optimizer, params=weight_decay_groups(m)))
+        self.raw_model = strategy.unwrap(self.model)  # the module itself: evaluation, samples, task.prepare
         self.task = instantiate(self.cfg.task)
         if hasattr(self.task, "prepare"):
             self.task.prepare(self.raw_model, self.data)
-        self.optimizer = strategy.prepare_optimizer(
-            self.raw_model, lambda m: instantiate(self.cfg.optimizer, params=weight_decay_groups(m)))
         self.scheduler = (instantiate(self.cfg.scheduler, optimizer=self.optimizer)
                           if self.cfg.scheduler else None)
-        self.model = torch.compile(self.raw_model) if tc.compile else self.raw_model
+        if tc.compile:
+            self.model = torch.compile(self.model)
+        self.grad_bytes: dict[int, int] = {}
+        self._measure_gradients = self.optimizer.register_step_pre_hook(self._record_gradient_bytes)
 
         # nothing is written until data, model and task were built without error
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.checkpoints = CheckpointDir(self.run_dir / "checkpoints", tc.keep_last)
         if strategy.is_main:
-            self.checkpoints.remove_partial()
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.lock = RunDirLock(self.run_dir)
+        strategy.barrier()
+        self.checkpoints = CheckpointDir(self.run_dir / "checkpoints", tc.keep_last, is_main=strategy.is_main)
+        self.checkpoints.remove_partial()
 
         self.train_sampler = EpochSampler(len(self.data.train), tc.batch_size, seed=self.cfg.seed)
         n_eval = tc.eval_batches * tc.batch_size
@@ -164,11 +175,10 @@ class Trainer:
                 truncate_metrics(self.run_dir / "metrics.jsonl", -1)
             return
         step, folder = latest
-        state = self.strategy.load(folder, self.raw_model)
-        self.optimizer.load_state_dict(state["optimizer"])
+        # model, optimizer and this rank's random generators; nothing may draw random numbers after this
+        state = self.strategy.load(folder, self.model, self.optimizer)
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
-        restore_rng(state["rng"])  # last: nothing may draw random numbers between here and the next step
         self.step = self.saved_step = self.evaluated_step = self.sampled_step = state["step"]
         if self.strategy.is_main:
             truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
@@ -177,17 +187,21 @@ class Trainer:
     # == the loop =======================================================================================
     def run(self) -> RunResult:
         started = time.perf_counter()
-        self.setup()
+        try:
+            self.setup()
+            return self._run(started)
+        finally:
+            self._close()
+
+    def _run(self, started: float) -> RunResult:
         total = self.tc.max_steps
         if self.step >= total:
-            self.log.close()
             return RunResult(self.run_dir, "already complete", self.step, 0.0,
                              last_values(read_metrics(self.run_dir / "metrics.jsonl")))
         self._announce()
         progress = Progress(self.tc.progress, total, self.step, enabled=self.strategy.is_main)
         self.progress = progress
         self.stop.install()
-        status = "completed"
         try:
             status = self._train(progress)
             self._finish(final=status == "completed")
@@ -201,9 +215,17 @@ class Trainer:
             summary = {"status": status, "step": self.step, "wall_s": round(wall, 1),
                        **{k: v for k, v in metrics.items() if k != "time" and not isinstance(v, str)}}
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        self.log.close()
-        self.strategy.teardown()
         return RunResult(self.run_dir, status, self.step, wall, metrics, self.sample_paths, plot)
+
+    def _close(self) -> None:
+        if hasattr(self, "log"):
+            self.log.close()
+        if self.strategy is not None:
+            self.strategy.teardown()
+        if hasattr(self, "lock"):
+            self.lock.release()
+        if self.owns_process_group:
+            disconnect()
 
     def _announce(self) -> None:
         if not self.strategy.is_main:
@@ -289,8 +311,11 @@ class Trainer:
             units += self.task.count(batch)
         grad_norm = strategy.clip_and_step(self.model, self.optimizer, tc.grad_clip)
         if self.step == 0:  # model-state bytes per rank, once gradients and optimizer state exist
-            self.log.log(1, memory_by_kind(self.raw_model, self.optimizer))
-        self.optimizer.zero_grad(set_to_none=True)
+            memory = strategy.memory_by_kind(self.model, self.optimizer)
+            memory["memory/grads_bytes"] = max(memory["memory/grads_bytes"], sum(self.grad_bytes.values()))
+            self._measure_gradients.remove()
+            self.log.log(1, {k: float(v) for k, v in strategy.mean_across_ranks(memory).items()})
+        strategy.zero_grad(self.optimizer)
         if self.scheduler is not None:
             self.scheduler.step()
         self.step += 1
@@ -304,7 +329,7 @@ class Trainer:
     # == evaluation, samples, checkpoints ==============================================================
     def _evaluate(self) -> dict[str, float]:
         strategy, batch_size = self.strategy, self.tc.batch_size
-        self.model.eval()
+        self.raw_model.eval()
         sums: dict[str, float] = defaultdict(float)
         seen = 0
         with torch.no_grad():
@@ -313,7 +338,7 @@ class Trainer:
                 local = shard(chunk, strategy.rank, strategy.world_size, 1, 0)
                 batch = to_device(self.data.val.batch(local), self.device)
                 with strategy.autocast():
-                    values = self.task.evaluate(self.model, batch)
+                    values = self.task.evaluate(self.raw_model, batch)
                 for k, v in values.items():
                     sums[k] += float(v) * len(local)
                 seen += len(local)
@@ -343,13 +368,20 @@ class Trainer:
     def _save(self) -> None:
         if self.saved_step == self.step:
             return
-        state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict() if self.scheduler else None,
-                 "rng": capture_rng(),
+        state = {"step": self.step, "scheduler": self.scheduler.state_dict() if self.scheduler else None,
                  "data": {"step": self.step, "epoch": self.train_sampler.epoch_of(self.step)}}
-        meta = {"world_size": self.strategy.world_size, "strategy": self.strategy.name}
-        self.checkpoints.save(self.step, lambda folder: self.strategy.save(folder, self.raw_model, state), meta)
+        strategy = self.strategy
+        meta = {"world_size": strategy.world_size, "strategy": strategy.name, "format": strategy.checkpoint_format}
+        self.checkpoints.save(self.step, lambda folder: strategy.save(folder, self.model, self.optimizer, state), meta)
         self.saved_step = self.step
+
+    def _record_gradient_bytes(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Just before the first optimizer step: the bytes of the gradients this rank holds. (DeepSpeed
+        steps one parameter group at a time, so this may run several times; each gradient counts once.)"""
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.grad_bytes[id(p)] = local_bytes(p.grad)
 
     def _finish(self, final: bool) -> None:
         if final:
@@ -365,6 +397,11 @@ class Trainer:
     def _plot(self) -> Path | None:
         name = self.cfg.name or self.run_dir.name
         return plot_curves(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "plots" / "loss.png", name)
+
+
+def default_threads(processes_on_this_machine: int) -> int:
+    """CPU threads per rank when several ranks share this machine's cores."""
+    return max(1, (os.cpu_count() or 1) // max(1, processes_on_this_machine))
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

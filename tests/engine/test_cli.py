@@ -44,7 +44,9 @@ def test_run_writes_a_run_directory_and_rerun_resumes(tmp_path: Path) -> None:
     assert first.returncode == 0, first.stderr
     assert "done: 4 steps" in first.stdout and "sample:" in first.stdout
     for path in ("config.yaml", "metrics.jsonl", "summary.json", "plots/loss.png", "samples/step_00000004.txt",
-                 "checkpoints/step_00000004/model.safetensors", "checkpoints/step_00000004/train_state.pt"):
+                 "checkpoints/step_00000004/model/model-00001-of-00001.safetensors",
+                 "checkpoints/step_00000004/optimizer/model-00001-of-00001.safetensors",
+                 "checkpoints/step_00000004/train_state.pt", "checkpoints/step_00000004/rng/rank_00000.pt"):
         assert (run_dir / path).is_file(), path
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["trainer"]["max_steps"] == 4
     again = papertrain(*args, "trainer.plot=true")

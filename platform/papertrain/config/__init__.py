@@ -16,13 +16,15 @@ from typing import Any, Sequence
 from papertrain.config.components import COMPONENT_KEY, instantiate, is_component, locate
 from papertrain.config.interpolation import resolve_references
 from papertrain.config.overrides import apply_overrides, is_override
-from papertrain.config.schema import RunConfig, TrainerConfig, build_dataclass
+from papertrain.config.schema import RunConfig, StrategyConfig, TrainerConfig, build_dataclass
 from papertrain.config.validate import Validator
 from papertrain.config.yamlfile import Origins, dump_yaml, load_yaml
 from papertrain.errors import ConfigError
 
+NAMED_SECTIONS = ("strategy",)
+
 __all__ = [
-    "COMPONENT_KEY", "LoadedConfig", "RunConfig", "TrainerConfig", "dump_yaml", "instantiate",
+    "COMPONENT_KEY", "LoadedConfig", "RunConfig", "StrategyConfig", "TrainerConfig", "dump_yaml", "instantiate",
     "is_component", "is_override", "load_config", "locate",
 ]
 
@@ -40,6 +42,9 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> LoadedConfig
     path = Path(path)
     tree, origins = load_yaml(path)
     issues = apply_overrides(tree, origins, list(overrides))
+    for section in NAMED_SECTIONS:  # `strategy: fsdp2` is short for `strategy: {name: fsdp2}`
+        if isinstance(tree.get(section), str):
+            tree[section] = {"name": tree[section]}
     unresolved = resolve_references(tree, origins)
     validator = Validator(origins, default_where=str(path))
     validator.check(tree, RunConfig, "")

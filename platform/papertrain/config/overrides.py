@@ -1,7 +1,8 @@
 """Dotted command-line overrides: `trainer.max_steps=200 model.n_layers=4 ~scheduler`.
 
     key.path=value   set a value (parsed as a YAML scalar: 200 -> int, 1e-3 -> float, null -> None,
-                     [1,2] -> list); missing parent sections are created
+                     [1,2] -> list); missing parent sections are created, and a section given by
+                     name (`strategy=deepspeed`) becomes {name: deepspeed} when a key is set inside it
     ~key.path        delete a key (e.g. drop `optimizer.betas` after switching the optimizer to SGD)
 
 Validation runs after overrides, so a mistyped key on the command line is reported like one in a file.
@@ -52,6 +53,8 @@ def _set(tree: dict[str, Any], key: str, value: Any) -> str | None:
         walked.append(part)
         if node.get(part) is None:
             node[part] = {}
+        elif isinstance(node[part], str):  # a section given by name: `strategy=deepspeed strategy.stage=2`
+            node[part] = {"name": node[part]}
         node = node[part]
         if not isinstance(node, dict):
             return f"cannot set a key inside {'.'.join(walked)}, which is a {type(node).__name__}, not a section"

@@ -46,6 +46,29 @@ class TrainerConfig:
     plot: bool = _help("write a PNG of the loss curves at the end of the run", default=True)
 
 
+@dataclass
+class StrategyConfig:
+    """How the loop runs on one process or many. `strategy: fsdp2` is short for `strategy: {name: fsdp2}`."""
+
+    name: Literal["single", "ddp", "fsdp2", "deepspeed", "zero3_reference"] = _help(
+        "single, ddp, fsdp2, deepspeed or zero3_reference", default="single")
+    stage: Literal[1, 2, 3] = _help("DeepSpeed ZeRO stage: 1 optimizer state, 2 + gradients, 3 + parameters",
+                                    default=3)
+    offload_optimizer: bool = _help("keep optimizer state in CPU memory (deepspeed; fsdp2 offloads all state)",
+                                    default=False)
+    offload_params: bool = _help("keep parameters in CPU memory (deepspeed stage 3, fsdp2)", default=False)
+    activation_checkpointing: bool = _help("recompute each block's activations in the backward pass",
+                                           default=False)
+    meta_init: bool = _help("build the model without memory (meta device / deepspeed.zero.Init) and give each "
+                            "rank only its shard: the whole model never exists on one rank", default=False)
+    reshard_after_forward: bool = _help("fsdp2: free gathered parameters after each block's forward",
+                                        default=True)
+    world_size: int | None = _help("the number of processes this job must have (refuse to train otherwise)",
+                                   default=None)
+    deepspeed: dict | None = _help("extra DeepSpeed config keys, merged over the ones papertrain derives",
+                                   default=None)
+
+
 ModelSection = Annotated[dict, Component()]
 OptimizerSection = Annotated[dict, Component(supplied=("params",))]
 SchedulerSection = Annotated[dict | None, Component(supplied=("optimizer",))]
@@ -60,6 +83,8 @@ class RunConfig:
     task: ModelSection = _help("loss, evaluation and sampling for this recipe")
     optimizer: OptimizerSection = _help("`_component_` of a torch optimizer (params are supplied)")
     trainer: TrainerConfig = _help("the training loop's settings")
+    strategy: StrategyConfig = _help("single process, or ddp / fsdp2 / deepspeed across many",
+                                     default_factory=StrategyConfig)
     scheduler: SchedulerSection = _help("learning-rate schedule (the optimizer is supplied)", default=None)
     name: str | None = _help("the recipe's name; also the default run directory runs/<name>", default=None)
     seed: int = _help("seeds python, numpy and torch; data order derives from it", default=0)

@@ -1,5 +1,39 @@
-"""Strategies: one process (`single`) now; DDP, FSDP2 and DeepSpeed share the same interface."""
+"""Strategies: how one training loop runs on one process or many.
 
-from papertrain.strategies.base import SingleDevice, Strategy, memory_by_kind, pick_device, pick_precision
+    single            one process, one device
+    ddp               data parallel: whole model per rank, gradients all-reduced
+    fsdp2             PyTorch's fully sharded data parallel (ZeRO-3 style), DCP checkpoints
+    deepspeed         DeepSpeed ZeRO stage 1, 2 or 3 (strategy.stage), optional CPU offload
+    zero3_reference   ZeRO-3 written from torch.distributed primitives (recipes/scaling/zero3)
+"""
 
-__all__ = ["SingleDevice", "Strategy", "memory_by_kind", "pick_device", "pick_precision"]
+from __future__ import annotations
+
+from papertrain.config.components import locate
+from papertrain.distributed import ProcessInfo, connect, process_info
+from papertrain.strategies.base import SingleDevice, Strategy, local_bytes, pick_device, pick_precision
+
+STRATEGIES = {
+    "single": "papertrain.strategies.base.SingleDevice",
+    "ddp": "papertrain.strategies.ddp.DDP",
+    "fsdp2": "papertrain.strategies.fsdp2.FSDP2",
+    "deepspeed": "papertrain.strategies.deepspeed_zero.DeepSpeed",
+    "zero3_reference": "papertrain.recipes.scaling.zero3.strategy.Zero3Reference",
+}
+
+
+def build_strategy(options, trainer, info: ProcessInfo | None = None) -> Strategy:
+    """Join this job's processes and build the strategy `options.name` for this rank."""
+    info = info or process_info()
+    device = pick_device(trainer.device, info.local_rank)
+    connect(info, device.type, expected_world_size=options.world_size)
+    precision = pick_precision(trainer.precision, device)
+    cls = locate(STRATEGIES[options.name])
+    strategy = cls(info, device, precision, options)
+    if hasattr(strategy, "configure"):
+        strategy.configure(trainer.batch_size, trainer.grad_accum_steps, trainer.grad_clip)
+    return strategy
+
+
+__all__ = ["STRATEGIES", "SingleDevice", "Strategy", "build_strategy", "local_bytes", "pick_device",
+           "pick_precision"]

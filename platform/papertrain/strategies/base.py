@@ -1,8 +1,8 @@
 """How the one training loop runs on hardware: the strategy interface.
 
-The trainer never asks "am I distributed?". It calls the strategy to place the model, run the backward
-pass, clip, step, average metrics and save or load checkpoints. `SingleDevice` is one process on one
-device; the distributed strategies implement the same methods.
+The trainer never asks "am I distributed?". It asks the strategy to build the model and optimizer, run
+the backward pass, clip, step, average metrics and save or load checkpoints. `SingleDevice` is one
+process on one device; DDP, FSDP2, DeepSpeed and the ZeRO-3 reference implement the same methods.
 """
 
 from __future__ import annotations
@@ -14,17 +14,22 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from papertrain.checkpoint import (load_model_weights, load_train_state, save_model_weights,
-                                   save_train_state)
+from papertrain import distributed
+from papertrain.checkpoint import FORMAT, load_training_state, save_training_state
+from papertrain.distributed import ProcessInfo
 from papertrain.errors import PapertrainError
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+ModelBuilder = Callable[[], nn.Module]
+OptimizerBuilder = Callable[[nn.Module], torch.optim.Optimizer]
 
-def pick_device(name: str) -> torch.device:
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """`auto`: this rank's GPU when there is one, else the CPU."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
         return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -32,6 +37,8 @@ def pick_device(name: str) -> torch.device:
                               "use trainer.device=cpu (or auto)")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise PapertrainError(f"trainer.device={name} but MPS is not available", "use trainer.device=cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
     return device
 
 
@@ -45,15 +52,47 @@ def pick_precision(name: str, device: torch.device) -> str:
     return name
 
 
+def blocks_of(model: nn.Module) -> list[nn.Module]:
+    """The repeated layers of a model: the children of its ModuleLists (GPT's `layers`, the encoder's
+    and decoder's layers). FSDP2 shards each one separately and activation checkpointing recomputes
+    them; a model with other needs defines `blocks()` itself."""
+    if hasattr(model, "blocks") and callable(model.blocks):
+        return list(model.blocks())
+    found: list[nn.Module] = []
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList):
+            found += [child for child in module if any(p.requires_grad for p in child.parameters())]
+    return found
+
+
+def checkpoint_activations(model: nn.Module) -> int:
+    """Recompute each block's activations in the backward pass instead of storing them (Chen et al. 2016):
+    memory for activations drops from O(layers) to O(1) blocks, at the cost of a second forward."""
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = blocks_of(model)
+    for block in blocks:
+        original = block.forward
+
+        def recomputed(*args: Any, _original: Callable = original, **kwargs: Any) -> Any:
+            if not torch.is_grad_enabled():
+                return _original(*args, **kwargs)
+            return checkpoint(_original, *args, use_reentrant=False, **kwargs)
+
+        block.forward = recomputed
+    return len(blocks)
+
+
 class Strategy:
     name = "base"
-    rank = 0
-    world_size = 1
-    local_rank = 0
+    checkpoint_format = FORMAT
 
-    def __init__(self, device: torch.device, precision: str):
+    def __init__(self, info: ProcessInfo, device: torch.device, precision: str, options: Any = None):
+        self.info = info
+        self.rank, self.world_size, self.local_rank = info.rank, info.world_size, info.local_rank
         self.device = device
         self.precision = precision
+        self.options = options
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
     @property
@@ -61,14 +100,19 @@ class Strategy:
         return self.rank == 0
 
     # -- building -------------------------------------------------------------------------------------
-    def prepare_model(self, build: Callable[[], nn.Module]) -> nn.Module:
-        return build().to(self.device)
+    def prepare(self, build_model: ModelBuilder, build_optimizer: OptimizerBuilder,
+                activation_checkpointing: bool = False) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Build the model on this rank's device (wrapped for training) and its optimizer."""
+        model = build_model().to(self.device)
+        if activation_checkpointing:
+            checkpoint_activations(model)
+        return self.wrap(model), build_optimizer(model)
 
-    def prepare_optimizer(self, model: nn.Module, build: Callable[[nn.Module], torch.optim.Optimizer]
-                          ) -> torch.optim.Optimizer:
-        return build(model)
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model
 
     def unwrap(self, model: nn.Module) -> nn.Module:
+        """The module itself (for evaluation, sampling, and any method other than forward)."""
         return model
 
     # -- one step -------------------------------------------------------------------------------------
@@ -85,13 +129,15 @@ class Strategy:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def clip_and_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float | None
-                      ) -> torch.Tensor | None:
+                      ) -> torch.Tensor | float | None:
         """Unscale, clip the global gradient norm, step (gradients are kept); returns the norm before clipping."""
         if self.scaler:
             self.scaler.unscale_(optimizer)
         norm = None
         if max_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2: the same global norm on every rank
+                norm = norm.full_tensor()
         if self.scaler:
             self.scaler.step(optimizer)
             self.scaler.update()
@@ -99,32 +145,64 @@ class Strategy:
             optimizer.step()
         return norm
 
+    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.zero_grad(set_to_none=True)
+
     # -- across ranks ---------------------------------------------------------------------------------
     def mean_across_ranks(self, values: dict[str, float]) -> dict[str, float]:
-        return values
+        return distributed.mean_across_ranks(values)
 
     def barrier(self) -> None:
-        pass
+        distributed.barrier()
 
     # -- checkpoints ----------------------------------------------------------------------------------
-    def save(self, folder: Path, model: nn.Module, train_state: dict[str, Any]) -> None:
+    def save(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+             train_state: dict[str, Any]) -> None:
+        """Called on every rank, inside the temporary checkpoint folder."""
         if self.scaler:
             train_state = {**train_state, "grad_scaler": self.scaler.state_dict()}
-        save_model_weights(self.unwrap(model), folder)
-        save_train_state(train_state, folder)
+        save_training_state(folder, self.unwrap(model), optimizer, train_state, self.rank)
 
-    def load(self, folder: Path, model: nn.Module) -> dict[str, Any]:
-        load_model_weights(self.unwrap(model), folder)
-        state = load_train_state(folder)
+    def load(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        state = load_training_state(folder, self.unwrap(model), optimizer, self.rank)
         if self.scaler and "grad_scaler" in state:
             self.scaler.load_state_dict(state["grad_scaler"])
         return state
+
+    # -- what this rank holds -------------------------------------------------------------------------
+    def memory_by_kind(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+        """Bytes this rank holds in parameters, gradients and optimizer state (the "model states" of ZeRO)."""
+        module = self.unwrap(model)
+        params = sum(self.parameter_bytes(p) for p in module.parameters())
+        grads = sum(local_bytes(p.grad) for p in module.parameters() if p.grad is not None)
+        return {"memory/params_bytes": params, "memory/grads_bytes": grads,
+                "memory/optimizer_bytes": optimizer_bytes(optimizer, module)}
+
+    def parameter_bytes(self, parameter: torch.Tensor) -> int:
+        return local_bytes(parameter)
 
     def teardown(self) -> None:
         pass
 
     def describe(self) -> str:
-        return f"{self.name} on {self.device} ({self.precision})"
+        ranks = f", {self.world_size} ranks" if self.world_size > 1 else ""
+        return f"{self.name} on {self.device} ({self.precision}{ranks})"
+
+
+def optimizer_bytes(optimizer: torch.optim.Optimizer, model: nn.Module) -> int:
+    """The optimizer's state (moments, ...) plus any parameters it steps that the model does not own:
+    the fp32 master copies that ZeRO keeps beside the model's own (possibly low-precision) weights."""
+    owned = {id(p) for p in model.parameters()}
+    states = sum(local_bytes(v) for state in optimizer.state.values() for v in state.values()
+                 if isinstance(v, torch.Tensor))
+    masters = sum(local_bytes(p) for group in optimizer.param_groups for p in group["params"] if id(p) not in owned)
+    return states + masters
+
+
+def local_bytes(tensor: torch.Tensor) -> int:
+    """Bytes of this rank's part of a tensor (a DTensor's local shard, not its global size)."""
+    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    return local.numel() * local.element_size()
 
 
 class SingleDevice(Strategy):
@@ -132,16 +210,9 @@ class SingleDevice(Strategy):
 
     name = "single"
 
-
-def memory_by_kind(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
-    """Bytes this rank holds in parameters, gradients and optimizer state (model state, per ZeRO)."""
-    def local_bytes(t: torch.Tensor) -> int:
-        local = t.to_local() if hasattr(t, "to_local") else t  # DTensor shards count only their shard
-        return local.numel() * local.element_size()
-
-    params = sum(local_bytes(p) for p in model.parameters())
-    grads = sum(local_bytes(p.grad) for p in model.parameters() if p.grad is not None)
-    optim = sum(local_bytes(v) for state in optimizer.state.values() for v in state.values()
-                if isinstance(v, torch.Tensor))
-    return {"memory/params_bytes": params, "memory/grads_bytes": grads, "memory/optimizer_bytes": optim}
-
+    def __init__(self, info: ProcessInfo, device: torch.device, precision: str, options: Any = None):
+        if info.distributed:
+            raise PapertrainError(
+                f"strategy=single, but this process is one of {info.world_size} ({info.launcher})",
+                "choose a multi-process strategy: strategy=ddp, strategy=fsdp2 or strategy=deepspeed")
+        super().__init__(info, device, precision, options)

@@ -1,0 +1,165 @@
+"""DeepSpeed ZeRO, stages 1, 2 and 3 (Rajbhandari et al., 2020), with optional CPU offload.
+
+ZeRO removes the redundancy of data parallelism stage by stage: stage 1 partitions the optimizer state
+across the ranks, stage 2 also the gradients, stage 3 also the parameters (each rank then holds 1/N of
+all model state and gathers a layer's parameters only while it runs). The DeepSpeed engine does the
+work; this strategy maps the recipe's settings onto its config and keeps the trainer's loop unchanged:
+
+- `trainer.batch_size` (global), `trainer.grad_accum_steps` and `trainer.grad_clip` become DeepSpeed's
+  batch sizes and `gradient_clipping` (always passed: DeepSpeed 0.19 clips at 1.0 when it is unset);
+- the recipe's torch optimizer is handed to the engine (`zero_allow_untested_optimizer`), the recipe's
+  LR schedule keeps driving it;
+- `strategy.meta_init` builds the model inside `deepspeed.zero.Init`, so stage 3 partitions every layer
+  as soon as it is constructed;
+- checkpoints go through the engine, into `deepspeed/`, and are read back with `torch.load(weights_only=True)`:
+  DeepSpeed's own loader unpickles arbitrary objects, so every load it does runs inside
+  `weights_only_loads()`, which allows only the three DeepSpeed types its files contain.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from papertrain.checkpoint import load_rng, load_train_state, save_rng
+from papertrain.errors import PapertrainError
+from papertrain.strategies.base import ModelBuilder, OptimizerBuilder, Strategy, checkpoint_activations, local_bytes
+
+DEEPSPEED_FOLDER = "deepspeed"
+FORMAT = "deepspeed"
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Every torch.load inside this block reads tensors and plain data only, never arbitrary objects."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    original = torch.load
+
+    def safe_load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, fragment_address]):
+            return original(*args, **kwargs)
+
+    torch.load = safe_load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+class DeepSpeed(Strategy):
+    name = "deepspeed"
+    checkpoint_format = FORMAT
+
+    def deepspeed_config(self, batch_size: int, accumulation: int, grad_clip: float | None) -> dict[str, Any]:
+        options = self.options
+        zero: dict[str, Any] = {"stage": options.stage}
+        if options.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu"}
+        if options.offload_params:
+            if options.stage != 3:
+                raise PapertrainError(f"strategy.offload_params needs ZeRO stage 3 (got strategy.stage={options.stage})",
+                                      "set strategy.stage=3, or drop strategy.offload_params")
+            zero["offload_param"] = {"device": "cpu"}
+        config = {
+            "train_batch_size": batch_size,
+            "train_micro_batch_size_per_gpu": batch_size // (self.world_size * accumulation),
+            "gradient_accumulation_steps": accumulation,
+            "gradient_clipping": float(grad_clip or 0.0),
+            "zero_optimization": zero,
+            "zero_allow_untested_optimizer": True,
+            "bf16": {"enabled": self.precision == "bf16"},
+            "fp16": {"enabled": self.precision == "fp16"},
+            "steps_per_print": 2**31 - 1,
+            "wall_clock_breakdown": False,
+        }
+        config.update(options.deepspeed or {})
+        return config
+
+    def configure(self, batch_size: int, accumulation: int, grad_clip: float | None) -> None:
+        self.ds_config = self.deepspeed_config(batch_size, accumulation, grad_clip)
+
+    def prepare(self, build_model: ModelBuilder, build_optimizer: OptimizerBuilder,
+                activation_checkpointing: bool = False) -> tuple[nn.Module, torch.optim.Optimizer]:
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if self.device.type == "cuda" else "cpu")
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+        if self.options.meta_init:
+            with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=self.options.stage == 3):
+                model = build_model()
+        else:
+            model = build_model()
+        if self.options.activation_checkpointing or activation_checkpointing:
+            checkpoint_activations(model)
+        optimizer = build_optimizer(model)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
+        self.engine = engine
+        return engine, optimizer
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return getattr(model, "module", model)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # the engine keeps bf16/fp16 weights itself
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # the trainer already divided the loss by the accumulation steps; the engine must not again
+        self.engine.backward(loss, scale_wrt_gas=False)
+        self.engine.step()  # applies the optimizer only at the accumulation boundary
+
+    def clip_and_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float | None
+                      ) -> float | None:
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        pass  # the engine clears gradients in step()
+
+    def save(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+             train_state: dict[str, Any]) -> None:
+        self.engine.save_checkpoint(str(folder), tag=DEEPSPEED_FOLDER, save_latest=False)
+        if self.is_main:
+            torch.save(train_state, folder / "train_state.pt")
+        save_rng(folder, self.rank)
+
+    def load(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        from papertrain.checkpoint import read_meta
+
+        meta = read_meta(folder)
+        if meta.get("format") != FORMAT:
+            raise PapertrainError(f"{folder} was written by strategy '{meta.get('strategy')}', not deepspeed",
+                                  f"resume with strategy={meta.get('strategy')}")
+        if meta.get("world_size") != self.world_size:
+            raise PapertrainError(f"{folder} was written by {meta.get('world_size')} DeepSpeed ranks; this job has "
+                                  f"{self.world_size}", "resume with the same number of processes (DeepSpeed "
+                                  "checkpoints are partitioned per rank), or `papertrain export` it")
+        with weights_only_loads():
+            path, _ = self.engine.load_checkpoint(str(folder), tag=DEEPSPEED_FOLDER, load_lr_scheduler_states=False)
+        if path is None:
+            raise PapertrainError(f"DeepSpeed found no checkpoint in {folder / DEEPSPEED_FOLDER}")
+        load_rng(folder, self.rank)
+        return load_train_state(folder)
+
+    def parameter_bytes(self, parameter: torch.Tensor) -> int:
+        """Under stage 3 a parameter's own storage is an empty placeholder; its shard is `ds_tensor`."""
+        return local_bytes(parameter.ds_tensor) if hasattr(parameter, "ds_tensor") else local_bytes(parameter)
+
+    def memory_by_kind(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+        """ZeRO's fp32 master partitions live in its own buffers (stage 3 also swaps them out of the
+        optimizer's param_groups between steps), so they are counted from there."""
+        memory = super().memory_by_kind(model, optimizer)
+        zero = self.engine.optimizer
+        masters = (getattr(zero, "fp32_partitioned_groups_flat", None)
+                   or getattr(zero, "single_partition_of_fp32_groups", None) or [])
+        listed = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        memory["memory/optimizer_bytes"] += sum(local_bytes(t) for t in masters if id(t) not in listed)
+        return memory

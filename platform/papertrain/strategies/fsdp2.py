@@ -1,0 +1,85 @@
+"""Fully sharded data parallel (FSDP2, `torch.distributed.fsdp.fully_shard`).
+
+Each block's parameters, gradients and optimizer state are split across the ranks (ZeRO stage 3):
+a rank holds 1/N of the model state. Just before a block runs, its full parameters are all-gathered;
+right after, they are freed again (`reshard_after_forward`); its gradients are reduce-scattered so
+each rank keeps only its shard's, and each rank's optimizer steps only its shard. Sharding is per block
+(see `blocks_of`), then the root takes what is left (embeddings, final norm).
+
+With `meta_init`, the model is built on PyTorch's meta device (shapes, no memory), sharded, and only
+then given memory, one shard per rank, and initialised with each module's `reset_parameters()`: a
+model larger than one rank's memory never exists whole anywhere. (The random initial values then
+differ from a one-process run's, since each rank draws its own shard; load weights to compare runs.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+import torch
+from torch import nn
+
+from papertrain.errors import PapertrainError
+from papertrain.strategies.base import ModelBuilder, OptimizerBuilder, Strategy, blocks_of, checkpoint_activations
+
+
+class FSDP2(Strategy):
+    name = "fsdp2"
+
+    def prepare(self, build_model: ModelBuilder, build_optimizer: OptimizerBuilder,
+                activation_checkpointing: bool = False) -> tuple[nn.Module, torch.optim.Optimizer]:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+        if self.precision == "fp16":
+            raise PapertrainError("strategy=fsdp2 runs bf16 or fp32 here (fp16 would need a sharded loss scaler)",
+                                  "use trainer.precision=bf16")
+        options = self.options
+        if options.meta_init:
+            with torch.device("meta"):
+                model = build_model()
+        else:
+            model = build_model().to(self.device)
+        if options.activation_checkpointing or activation_checkpointing:
+            checkpoint_activations(model)
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                  if self.precision == "bf16" else MixedPrecisionPolicy())
+        offload = CPUOffloadPolicy() if options.offload_params or options.offload_optimizer else OffloadPolicy()
+        shard = dict(mesh=mesh, mp_policy=policy, offload_policy=offload,
+                     reshard_after_forward=options.reshard_after_forward)
+        for block in blocks_of(model):
+            fully_shard(block, **shard)
+        fully_shard(model, **shard)
+        if options.meta_init:
+            model.to_empty(device="cpu" if options.offload_params or options.offload_optimizer else self.device)
+            reinitialise(model)
+        register_methods(model)
+        return model, build_optimizer(model)
+
+    def micro_step_context(self, model: nn.Module, is_last_micro_step: bool) -> contextlib.AbstractContextManager:
+        model.set_requires_gradient_sync(is_last_micro_step)  # reduce-scatter once per optimizer step
+        return contextlib.nullcontext()
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # the MixedPrecisionPolicy casts parameters instead
+
+
+def reinitialise(model: nn.Module) -> None:
+    """Run every module's `reset_parameters()`, children before parents, so that a model's own
+    initialisation (GPT's N(0, 0.02)) has the last word over its layers' PyTorch defaults."""
+    for module in reversed(list(model.modules())):
+        reset = getattr(module, "reset_parameters", None)
+        if callable(reset) and not inspect.signature(reset).parameters:
+            reset()
+
+
+def register_methods(model: nn.Module) -> None:
+    """Let public methods other than forward (greedy_decode, generate, ...) gather the root's sharded
+    parameters the way forward does."""
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    for name, member in inspect.getmembers(type(model), inspect.isfunction):
+        if not name.startswith("_") and name != "forward" and not hasattr(nn.Module, name):
+            register_fsdp_forward_method(model, name)
