@@ -1,27 +1,39 @@
-"""`python -m papertrain.launch RECIPE|CONFIG [key=value ...] [--run-dir DIR]`: train on this process."""
+"""`python -m papertrain.launch RECIPE|CONFIG [key=value ...] [--run-dir DIR]`: train as this process's rank.
+
+Launchers start this module once per process:
+
+    papertrain launch --nproc 4 gpt strategy=fsdp2                  (torchrun underneath)
+    torchrun --nproc_per_node 4 -m papertrain.launch gpt strategy=fsdp2
+    deepspeed --num_gpus 4 --module papertrain.launch gpt strategy=deepspeed strategy.stage=3
+    accelerate launch --multi_gpu --num_processes 4 -m papertrain.launch gpt strategy=ddp strategy.world_size=4
+    srun python -m papertrain.launch gpt strategy=fsdp2              (inside a Slurm allocation)
+
+The rank, world size and rendezvous come from the environment those launchers set (see
+papertrain.distributed); the deepspeed launcher's extra `--local_rank=N` argument is accepted and ignored.
+"""
 
 from __future__ import annotations
 
-import os
+import re
 import sys
 
-from papertrain.cli import EXIT_USER_ERROR, main
+from papertrain.cli import main
 
 
-def launcher_world_size() -> int:
-    """The number of processes a launcher (torchrun, deepspeed, Slurm) says this job has."""
-    for variable in ("WORLD_SIZE", "SLURM_NTASKS"):
-        if os.environ.get(variable):
-            return int(os.environ[variable])
-    return 1
+def strip_launcher_arguments(argv: list[str]) -> list[str]:
+    """Drop `--local_rank=N` / `--local-rank N` (the deepspeed launcher's; LOCAL_RANK says the same)."""
+    kept, skip_next = [], False
+    for word in argv:
+        if skip_next:
+            skip_next = False
+        elif re.fullmatch(r"--local[_-]rank=\d+", word):
+            continue
+        elif word in ("--local_rank", "--local-rank"):
+            skip_next = True
+        else:
+            kept.append(word)
+    return kept
 
 
 if __name__ == "__main__":
-    world = launcher_world_size()
-    if world > 1:
-        print(f"error: this job has {world} processes, but this version of papertrain trains on one process "
-              "only (strategy=single); multi-process strategies are not available yet.\n"
-              "  fix: launch a single process (python -m papertrain.launch ... or papertrain run ...)",
-              file=sys.stderr)
-        raise SystemExit(EXIT_USER_ERROR)
-    raise SystemExit(main(["run", *sys.argv[1:]]))
+    raise SystemExit(main(["run", *strip_launcher_arguments(sys.argv[1:])]))

@@ -2,6 +2,7 @@
 
     papertrain ls [--json]                               every recipe, its status and last result
     papertrain run RECIPE|FILE [key=value ...]           train (re-running resumes)
+    papertrain launch --nproc N RECIPE|FILE [...]        train on N processes (torchrun)
     papertrain cp RECIPE DEST.yaml                       copy a config to edit
     papertrain validate RECIPE|FILE [key=value ...]      every config problem at once
     papertrain show RECIPE|FILE [key=value ...]          the resolved config
@@ -76,6 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write the result into the recipe's results.json (shipped configs, no overrides)")
     run.set_defaults(handler=cmd_run)
 
+    launch = commands.add_parser(
+        "launch", help="train on N processes of this machine (torchrun underneath)",
+        description="Start N processes of `python -m papertrain.launch` with torchrun on this machine. The config "
+                    "is checked first; the strategy must be a multi-process one (e.g. strategy=fsdp2), and each "
+                    "rank verifies that the job really has N processes.")
+    launch.add_argument("--nproc", type=int, required=True, help="processes (one per GPU on a GPU machine)")
+    _add_target(launch)
+    launch.add_argument("--run-dir", type=Path, help="where the run is written (default: runs/<name>)")
+    launch.set_defaults(handler=cmd_launch)
+
     cp = commands.add_parser("cp", help="copy a recipe's config to a file you can edit",
                              description="Copy RECIPE's config to DEST; then `papertrain run DEST`.")
     cp.add_argument("recipe", help="recipe name, optionally NAME:CONFIG")
@@ -143,6 +154,7 @@ def _load(args: argparse.Namespace):
 
 def cmd_run(args: argparse.Namespace) -> int:
     from papertrain.catalog import record_result
+    from papertrain.distributed import process_info
     from papertrain.metrics import format_duration
     from papertrain.rundir import default_run_dir
     from papertrain.trainer import Trainer
@@ -156,6 +168,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     result = Trainer(config, run_dir).run()
     if result.status == "interrupted":
         return EXIT_INTERRUPTED
+    if process_info().rank != 0:
+        return 0  # rank 0 reports for the job
     shown = "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()
                       if k.startswith("val/") and isinstance(v, (int, float)))
     if result.status == "already complete":
@@ -173,6 +187,27 @@ def cmd_run(args: argparse.Namespace) -> int:
         path = record_result(recipe, stem, run_dir, result.wall_s, result.metrics, result.step)
         print(f"  recorded: {path}")
     return 0
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    if args.nproc < 1:
+        raise PapertrainError(f"--nproc must be at least 1, got {args.nproc}")
+    overrides = list(args.overrides)
+    if not any(o.startswith("strategy.world_size=") for o in overrides):
+        overrides.append(f"strategy.world_size={args.nproc}")
+    args.overrides = overrides
+    config, _ = _load(args)  # every config problem now, not N times from N processes
+    if args.nproc > 1 and config.run.strategy.name == "single":
+        raise PapertrainError(f"strategy=single trains one process, not {args.nproc}",
+                              "add strategy=ddp, strategy=fsdp2 or strategy=deepspeed")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+               "-m", "papertrain.launch", args.target, *overrides]
+    if args.run_dir:
+        command += ["--run-dir", str(args.run_dir)]
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    print("launching: " + " ".join(command[2:]), flush=True)
+    os.execv(sys.executable, command)
+    return 0  # not reached: this process becomes torchrun
 
 
 def cmd_cp(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ train side by side believing they are alone.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import zlib
 from dataclasses import dataclass
@@ -65,15 +66,24 @@ def slurm_rendezvous(env: dict[str, str]) -> tuple[str, str]:
 
 
 def connect(info: ProcessInfo, device_type: str, expected_world_size: int | None = None,
-            timeout_s: int = 1800) -> None:
-    """Join the job's process group (no-op for one process); refuse a world size nobody asked for."""
+            timeout_s: int = 1800, single_rank_group: bool = False) -> None:
+    """Join the job's process group; refuse a world size nobody asked for. One process joins nothing,
+    unless `single_rank_group` (a multi-process strategy run on one rank, on purpose) asks for a group of one."""
     if expected_world_size is not None and expected_world_size != info.world_size:
         raise PapertrainError(
             f"strategy.world_size={expected_world_size}, but this process was started as one of "
             f"{info.world_size} (launcher: {info.launcher})",
             "check the launcher's process count; `accelerate launch --cpu` runs ONE process whatever "
             "--num_processes says: use `papertrain launch --nproc N` (torchrun) instead")
-    if not info.distributed or dist.is_initialized():
+    if dist.is_initialized():
+        return
+    if not info.distributed:
+        if single_rank_group:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
+                                    init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
         return
     if info.launcher == "slurm":
         address, port = slurm_rendezvous(dict(os.environ))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from papertrain.config.components import locate
 from papertrain.distributed import ProcessInfo, connect, process_info
+from papertrain.errors import PapertrainError
 from papertrain.strategies.base import SingleDevice, Strategy, local_bytes, pick_device, pick_precision
 
 STRATEGIES = {
@@ -26,7 +27,14 @@ def build_strategy(options, trainer, info: ProcessInfo | None = None) -> Strateg
     """Join this job's processes and build the strategy `options.name` for this rank."""
     info = info or process_info()
     device = pick_device(trainer.device, info.local_rank)
-    connect(info, device.type, expected_world_size=options.world_size)
+    if options.name != "single" and not info.distributed and options.world_size is None:
+        raise PapertrainError(
+            f"strategy={options.name} spreads training over several processes, but this process is alone "
+            f"(no launcher environment: RANK/WORLD_SIZE or an srun step)",
+            f"start N processes with `papertrain launch --nproc N ...` (or torchrun, deepspeed, srun); for one "
+            f"process use strategy=single, or strategy.world_size=1 to run {options.name} on a single rank")
+    connect(info, device.type, expected_world_size=options.world_size,
+            single_rank_group=options.name != "single")
     precision = pick_precision(trainer.precision, device)
     cls = locate(STRATEGIES[options.name])
     strategy = cls(info, device, precision, options)
