@@ -8,6 +8,7 @@ process on one device; DDP, FSDP2, DeepSpeed and the ZeRO-3 reference implement 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from pathlib import Path
 from typing import Any, Callable
 
@@ -65,6 +66,28 @@ def blocks_of(model: nn.Module) -> list[nn.Module]:
     return found
 
 
+def initialise(model: nn.Module, gather: Callable[[list[nn.Parameter]], Any] | None = None) -> None:
+    """(Re)initialise a model one module at a time, as a sharded model needs it.
+
+    The contract every recipe model follows: each module's own `reset_parameters()` sets PyTorch's
+    defaults for the parameters and buffers it owns directly, and a model that initialises its layers
+    its own way defines `init_weights(name, module)`, applied after the defaults. Children go first.
+    `gather(params)` (DeepSpeed's GatheredParameters) makes a partitioned module's parameters whole for
+    the moment they are written; no more than one module is ever whole at a time.
+    """
+    init_weights = getattr(model, "init_weights", None)
+    for name, module in reversed(list(model.named_modules())):
+        own = list(module.parameters(recurse=False))
+        if not own and not list(module.buffers(recurse=False)):
+            continue
+        with (gather(own) if gather is not None and own else contextlib.nullcontext()):
+            reset = getattr(module, "reset_parameters", None)
+            if callable(reset) and not inspect.signature(reset).parameters:
+                reset()
+            if init_weights is not None:
+                init_weights(name, module)
+
+
 def checkpoint_activations(model: nn.Module) -> int:
     """Recompute each block's activations in the backward pass instead of storing them (Chen et al. 2016):
     memory for activations drops from O(layers) to O(1) blocks, at the cost of a second forward."""
@@ -100,12 +123,21 @@ class Strategy:
         return self.rank == 0
 
     # -- building -------------------------------------------------------------------------------------
-    def prepare(self, build_model: ModelBuilder, build_optimizer: OptimizerBuilder,
-                activation_checkpointing: bool = False) -> tuple[nn.Module, torch.optim.Optimizer]:
-        """Build the model on this rank's device (wrapped for training) and its optimizer."""
-        model = build_model().to(self.device)
-        if activation_checkpointing:
+    @property
+    def activation_checkpointing(self) -> bool:
+        return bool(getattr(self.options, "activation_checkpointing", False))
+
+    def build_model(self, build: ModelBuilder) -> nn.Module:
+        """Construct the model as this strategy holds it (on this rank's device, or sharded)."""
+        model = build().to(self.device)
+        if self.activation_checkpointing:
             checkpoint_activations(model)
+        return model
+
+    def prepare(self, build_model: ModelBuilder, build_optimizer: OptimizerBuilder
+                ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """The model, wrapped for training, and its optimizer."""
+        model = self.build_model(build_model)
         return self.wrap(model), build_optimizer(model)
 
     def wrap(self, model: nn.Module) -> nn.Module:

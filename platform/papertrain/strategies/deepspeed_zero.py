@@ -28,7 +28,8 @@ from torch import nn
 
 from papertrain.checkpoint import load_rng, load_train_state, save_rng
 from papertrain.errors import PapertrainError
-from papertrain.strategies.base import ModelBuilder, OptimizerBuilder, Strategy, checkpoint_activations, local_bytes
+from papertrain.strategies.base import (ModelBuilder, OptimizerBuilder, Strategy, checkpoint_activations, initialise,
+                                        local_bytes)
 
 DEEPSPEED_FOLDER = "deepspeed"
 FORMAT = "deepspeed"
@@ -87,19 +88,29 @@ class DeepSpeed(Strategy):
     def configure(self, batch_size: int, accumulation: int, grad_clip: float | None) -> None:
         self.ds_config = self.deepspeed_config(batch_size, accumulation, grad_clip)
 
-    def prepare(self, build_model: ModelBuilder, build_optimizer: OptimizerBuilder,
-                activation_checkpointing: bool = False) -> tuple[nn.Module, torch.optim.Optimizer]:
+    def build_model(self, build: ModelBuilder) -> nn.Module:
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if self.device.type == "cuda" else "cpu")
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
         if self.options.meta_init:
+            # every layer is partitioned as soon as it is constructed; a model's own initialisation after
+            # construction would write into empty partitions, so it is redone one gathered module at a time
             with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=self.options.stage == 3):
-                model = build_model()
+                model = build()
+            if self.options.stage == 3:
+                initialise(model, gather=lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0))
         else:
-            model = build_model()
-        if self.options.activation_checkpointing or activation_checkpointing:
+            model = build()
+        if self.activation_checkpointing:
             checkpoint_activations(model)
+        return model
+
+    def prepare(self, build_model: ModelBuilder, build_optimizer: OptimizerBuilder
+                ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        import deepspeed
+
+        model = self.build_model(build_model)
         optimizer = build_optimizer(model)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
         self.engine = engine

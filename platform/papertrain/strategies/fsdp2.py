@@ -7,8 +7,8 @@ each rank keeps only its shard's, and each rank's optimizer steps only its shard
 (see `blocks_of`), then the root takes what is left (embeddings, final norm).
 
 With `meta_init`, the model is built on PyTorch's meta device (shapes, no memory), sharded, and only
-then given memory, one shard per rank, and initialised with each module's `reset_parameters()`: a
-model larger than one rank's memory never exists whole anywhere. (The random initial values then
+then given memory, one shard per rank, and initialised module by module (`initialise`): a model
+larger than one rank's memory never exists whole anywhere. (The random initial values then
 differ from a one-process run's, since each rank draws its own shard; load weights to compare runs.)
 """
 
@@ -21,14 +21,13 @@ import torch
 from torch import nn
 
 from papertrain.errors import PapertrainError
-from papertrain.strategies.base import ModelBuilder, OptimizerBuilder, Strategy, blocks_of, checkpoint_activations
+from papertrain.strategies.base import ModelBuilder, Strategy, blocks_of, checkpoint_activations, initialise
 
 
 class FSDP2(Strategy):
     name = "fsdp2"
 
-    def prepare(self, build_model: ModelBuilder, build_optimizer: OptimizerBuilder,
-                activation_checkpointing: bool = False) -> tuple[nn.Module, torch.optim.Optimizer]:
+    def build_model(self, build: ModelBuilder) -> nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -38,10 +37,10 @@ class FSDP2(Strategy):
         options = self.options
         if options.meta_init:
             with torch.device("meta"):
-                model = build_model()
+                model = build()
         else:
-            model = build_model().to(self.device)
-        if options.activation_checkpointing or activation_checkpointing:
+            model = build().to(self.device)
+        if self.activation_checkpointing:
             checkpoint_activations(model)
         mesh = init_device_mesh(self.device.type, (self.world_size,))
         policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -54,9 +53,9 @@ class FSDP2(Strategy):
         fully_shard(model, **shard)
         if options.meta_init:
             model.to_empty(device="cpu" if options.offload_params or options.offload_optimizer else self.device)
-            reinitialise(model)
+            initialise(model)  # each rank fills only its shards
         register_methods(model)
-        return model, build_optimizer(model)
+        return model
 
     def micro_step_context(self, model: nn.Module, is_last_micro_step: bool) -> contextlib.AbstractContextManager:
         model.set_requires_gradient_sync(is_last_micro_step)  # reduce-scatter once per optimizer step
@@ -64,15 +63,6 @@ class FSDP2(Strategy):
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # the MixedPrecisionPolicy casts parameters instead
-
-
-def reinitialise(model: nn.Module) -> None:
-    """Run every module's `reset_parameters()`, children before parents, so that a model's own
-    initialisation (GPT's N(0, 0.02)) has the last word over its layers' PyTorch defaults."""
-    for module in reversed(list(model.modules())):
-        reset = getattr(module, "reset_parameters", None)
-        if callable(reset) and not inspect.signature(reset).parameters:
-            reset()
 
 
 def register_methods(model: nn.Module) -> None:

@@ -85,6 +85,11 @@ class SinusoidalPositions(nn.Module):
         super().__init__()
         self.register_buffer("table", sinusoidal_table(max_len, d_model), persistent=False)
 
+    def reset_parameters(self) -> None:
+        """Recompute the table (a model built on the meta device gets its buffers only later)."""
+        with torch.no_grad():
+            self.table.copy_(sinusoidal_table(*self.table.shape))
+
     def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
         return x + self.table[offset:offset + x.shape[1]]  # [B, T, d_model]
 
@@ -203,9 +208,16 @@ class EncoderDecoder(nn.Module):
         self.decoder_norm = nn.LayerNorm(d_model) if norm_first else nn.Identity()
         self.output = nn.Linear(d_model, vocab_size, bias=False)
         self.output.weight = self.embed.embedding.weight  # shared with the embeddings (§3.4)
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
+        self.reset_parameters()
+
+    def init_weights(self, name: str, module: nn.Module) -> None:
+        """Glorot-uniform weight matrices, as the reference implementation of the paper did."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.xavier_uniform_(module.weight)
+
+    def reset_parameters(self) -> None:
+        for name, module in self.named_modules():
+            self.init_weights(name, module)
 
     def encode(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """source: [B, T_x] -> memory [B, T_x, d_model] and its padding mask."""

@@ -55,24 +55,26 @@ class GPT(nn.Module):
         self.final_norm = nn.LayerNorm(d_model, eps=norm_eps) if norm_first else nn.Identity()
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
         self.lm_head.weight = self.token_embedding.weight  # P(u) = softmax(h_n W_eᵀ): tied
-        self.reset_parameters(scale_residual=norm_first)
+        self.scale_residual_init = norm_first
+        self.reset_parameters()
 
-    def reset_parameters(self, scale_residual: bool) -> None:
+    def init_weights(self, name: str, module: nn.Module) -> None:
         """N(0, 0.02) for every weight matrix (GPT-1 §4.1); zero biases; unit LayerNorm gains.
 
-        With `scale_residual` (GPT-2 §2.3), the projections that write into the residual stream (W^O and
-        the FFN's second layer) get std 0.02/√(2n), so that the stream's variance does not grow with depth.
+        With GPT-2's pre-norm (§2.3), the projections that write into the residual stream (W^O and the
+        FFN's second layer) get std 0.02/√(2n) instead, so the stream's variance does not grow with depth.
+        (The engine also calls this per module when it builds a sharded model, see strategies/base.py.)
         """
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-        if scale_residual:
-            std = 0.02 / math.sqrt(2 * self.n_layers)
-            for layer in self.layers:
-                nn.init.normal_(layer.attention.out_proj.weight, mean=0.0, std=std)
-                nn.init.normal_(layer.ffn.linear2.weight, mean=0.0, std=std)
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            residual = name.endswith(("attention.out_proj", "ffn.linear2")) and self.scale_residual_init
+            std = 0.02 / math.sqrt(2 * self.n_layers) if residual else 0.02
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def reset_parameters(self) -> None:
+        for name, module in self.named_modules():
+            self.init_weights(name, module)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids: [B, T] with T <= block_size -> next-token logits [B, T, vocab_size]."""
