@@ -178,7 +178,7 @@ def save_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.O
     weights, aliases = split_aliases(model_state)
     moments, rest = split_optimizer_state(optimizer_state)
     sharded = dist.is_initialized() and dist.get_world_size() > 1
-    with _single_process_is_fine():
+    with single_process_dcp():
         dcp.save(weights, storage_writer=HuggingFaceStorageWriter(str(folder / MODEL_DIR), save_distributed=sharded))
         dcp.save(moments, storage_writer=HuggingFaceStorageWriter(str(folder / OPTIMIZER_DIR),
                                                                   save_distributed=sharded))
@@ -207,7 +207,7 @@ def load_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.O
     from torch.distributed.checkpoint.api import CheckpointException
 
     try:
-        with _single_process_is_fine():
+        with single_process_dcp():
             dcp.load(weights, storage_reader=HuggingFaceStorageReader(str(folder / MODEL_DIR)))
             dcp.load(moments, storage_reader=HuggingFaceStorageReader(str(folder / OPTIMIZER_DIR)))
     except (Exception, CheckpointException) as err:  # shapes or names differ: say so, not DCP's internals
@@ -223,7 +223,7 @@ def load_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.O
 
 
 @contextlib.contextmanager
-def _single_process_is_fine() -> Iterator[None]:
+def single_process_dcp() -> Iterator[None]:
     """DCP warns when no process group exists; one process is a supported case here, not a mistake."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")

@@ -3,6 +3,8 @@
     papertrain ls [--json]                               every recipe, its status and last result
     papertrain run RECIPE|FILE [key=value ...]           train (re-running resumes)
     papertrain launch --nproc N RECIPE|FILE [...]        train on N processes (torchrun)
+    papertrain export RUN_DIR [--step N]                 one safetensors file from any checkpoint
+    papertrain plan RECIPE|FILE --gpus N --gpu-mem 48GB  will it fit? memory per GPU, per strategy
     papertrain cp RECIPE DEST.yaml                       copy a config to edit
     papertrain validate RECIPE|FILE [key=value ...]      every config problem at once
     papertrain show RECIPE|FILE [key=value ...]          the resolved config
@@ -86,6 +88,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target(launch)
     launch.add_argument("--run-dir", type=Path, help="where the run is written (default: runs/<name>)")
     launch.set_defaults(handler=cmd_launch)
+
+    export = commands.add_parser(
+        "export", help="consolidate a run's checkpoint into one safetensors file",
+        description="Write the full weights of RUN_DIR's latest (or --step) checkpoint, whatever strategy and "
+                    "world size wrote it, as one safetensors file; in Hugging Face's layout with a config.json "
+                    "where the recipe has one (default folder: RUN_DIR/export).")
+    export.add_argument("run_dir", type=Path, help="a run directory (with checkpoints/)")
+    export.add_argument("--step", type=int, help="which checkpoint (default: the latest)")
+    export.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/export)")
+    export.add_argument("--format", choices=["safetensors"], default="safetensors", help="file format")
+    export.add_argument("--layout", choices=["auto", "hf", "papertrain"], default="auto",
+                        help="key names: Hugging Face's where the recipe has them (auto), or ours")
+    export.set_defaults(handler=cmd_export)
+
+    plan = commands.add_parser(
+        "plan", help="estimate per-GPU memory of a config under every strategy",
+        description="Count the model's parameters exactly (built on the meta device, so any size works) and "
+                    "estimate per-GPU bytes of weights, gradients, optimizer state and activations for each "
+                    "strategy, and for fp16/int8 generation; says which fit in --gpu-mem.")
+    _add_target(plan)
+    plan.add_argument("--gpus", type=int, default=1, help="GPUs the job would use")
+    plan.add_argument("--gpu-mem", default="80GB", help="memory per GPU, e.g. 48GB, 80GiB")
+    plan.set_defaults(handler=cmd_plan)
 
     cp = commands.add_parser("cp", help="copy a recipe's config to a file you can edit",
                              description="Copy RECIPE's config to DEST; then `papertrain run DEST`.")
@@ -208,6 +233,25 @@ def cmd_launch(args: argparse.Namespace) -> int:
     print("launching: " + " ".join(command[2:]), flush=True)
     os.execv(sys.executable, command)
     return 0  # not reached: this process becomes torchrun
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from papertrain.export import export
+
+    folder, layout = export(args.run_dir, args.step, args.out, args.layout)
+    files = ", ".join(sorted(p.name for p in folder.iterdir()))
+    print(f"exported {args.run_dir} -> {folder} ({layout} layout: {files})")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from papertrain.plan import parse_bytes, render
+
+    if args.gpus < 1:
+        raise PapertrainError(f"--gpus must be at least 1, got {args.gpus}")
+    config, _ = _load(args)
+    print(render(config, args.gpus, parse_bytes(args.gpu_mem)))
+    return 0
 
 
 def cmd_cp(args: argparse.Namespace) -> int:

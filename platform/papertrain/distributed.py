@@ -110,11 +110,17 @@ def mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
     """Average a dict of floats over all ranks (identity for one process)."""
     if not dist.is_initialized() or dist.get_world_size() == 1 or not values:
         return values
+    return {k: v / dist.get_world_size() for k, v in sum_across_ranks(values).items()}
+
+
+def sum_across_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Add up a dict of floats over all ranks (identity for one process)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1 or not values:
+        return values
     keys = sorted(values)
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
     stacked = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(stacked)
-    stacked /= dist.get_world_size()
     return dict(zip(keys, stacked.tolist()))
 
 

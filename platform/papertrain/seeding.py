@@ -16,6 +16,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """A different, reproducible seed for every rank (rank 0 keeps the run's seed)."""
+    return seed + 1_000_003 * rank
+
+
 def set_deterministic(enabled: bool) -> None:
     """Deterministic kernels everywhere torch has them (required for bit-identical GPU runs)."""
     if enabled:

@@ -31,15 +31,18 @@ class Task(Protocol):
     unit: str  # what throughput counts: "tokens" or "samples"
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The scalar training loss of one micro-batch, and extra metrics to log (detached)."""
+        """The training loss of one micro-batch as a MEAN over the units `count(batch)` counts, and
+        extra metrics to log (detached, also means over those units). The trainer weights micro-batches
+        by their units, so the step's loss is the mean over all its units on any number of ranks."""
         ...
 
-    def evaluate(self, model: nn.Module, batch: Batch) -> dict[str, float | torch.Tensor]:
-        """Validation metrics of one batch (averaged over the eval set, weighted by batch size)."""
+    def evaluate(self, model: nn.Module, batch: Batch) -> dict[str, float | torch.Tensor | tuple[float, float]]:
+        """Validation metrics of one batch: means over `count(batch)` units, or `(total, count)` pairs for a
+        metric with a unit of its own (e.g. exactly decoded sequences). Aggregated over the whole eval set."""
         ...
 
     def count(self, batch: Batch) -> int:
-        """How many `unit`s the batch holds (tokens for a language model)."""
+        """How many `unit`s the batch holds: what the loss is a mean over (tokens, non-padding tokens, samples)."""
         ...
 
 

@@ -36,7 +36,7 @@ from papertrain.errors import PapertrainError
 from papertrain.metrics import MetricsLog, Progress, last_values, plot_curves, read_metrics, truncate_metrics
 from papertrain.distributed import disconnect
 from papertrain.rundir import RunDirLock, check_resumable
-from papertrain.seeding import seed_everything, set_deterministic
+from papertrain.seeding import rank_seed, seed_everything, set_deterministic
 from papertrain.strategies import Strategy, build_strategy, local_bytes
 
 
@@ -56,8 +56,11 @@ def weight_decay_groups(model: nn.Module) -> list[dict[str, Any]]:
 
     The optimizer's own `weight_decay` applies to the first group; the second overrides it with 0.
     """
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    def decays(p: torch.Tensor) -> bool:  # a flattened shard says which kind it holds (zero3_reference)
+        return getattr(p, "apply_weight_decay", p.dim() >= 2)
+
+    decay = [p for p in model.parameters() if p.requires_grad and decays(p)]
+    no_decay = [p for p in model.parameters() if p.requires_grad and not decays(p)]
     groups: list[dict[str, Any]] = [{"params": decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
@@ -128,6 +131,9 @@ class Trainer:
             lambda: instantiate(self.cfg.model),
             lambda m: instantiate(self.cfg.optimizer, params=weight_decay_groups(m)))
         self.raw_model = strategy.unwrap(self.model)  # the module itself: evaluation, samples, task.prepare
+        # the model was built from the same seed on every rank; from here on each rank draws its own
+        # random numbers (dropout masks), or all ranks would drop the same units of different examples
+        seed_everything(rank_seed(self.cfg.seed, strategy.rank))
         self.task = instantiate(self.cfg.task)
         if hasattr(self.task, "prepare"):
             self.task.prepare(self.raw_model, self.data)
@@ -263,7 +269,7 @@ class Trainer:
                 mean = self.strategy.mean_across_ranks(
                     {"train/loss": (window_loss / window_steps).item(),
                      **{f"train/{k}": (v / window_steps).item() for k, v in extra.items()}})
-                rate = window_units * self.strategy.world_size / max(window_time, 1e-9)
+                rate = window_units / max(window_time, 1e-9)  # units of the whole job
                 per_step = window_time / window_steps
                 step_time_avg = per_step if step_time_avg is None else 0.7 * step_time_avg + 0.3 * per_step
                 values = {**mean, "train/lr": self.optimizer.param_groups[0]["lr"],
@@ -281,34 +287,43 @@ class Trainer:
 
             if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.max_steps:
                 self._evaluate()
-            if tc.sample_every and self.step % tc.sample_every == 0 and self.step < tc.max_steps:
+            if tc.sample_every > 0 and self.step % tc.sample_every == 0 and self.step < tc.max_steps:
                 self._sample()
             if tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
                 self._save()
         return "completed"
 
-    def train_step(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], int, torch.Tensor | None]:
+    def train_step(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], int, torch.Tensor | float | None]:
         """One optimizer step on the global batch of `self.step`, then `self.step += 1`.
 
-        Returns the step's mean loss, extra metrics, units (tokens) seen by this rank, and the gradient norm.
+        A task's loss is a mean over the units its `count()` counts (tokens, non-padding tokens,
+        samples). Micro-batches and ranks may hold different numbers of them, so each micro-batch's loss
+        is weighted by its share of the whole step's units: the gradient is then the gradient of the
+        global mean on any number of ranks and micro-batches. (Data parallelism averages gradients
+        over the W ranks, hence the factor W.)
+
+        Returns the step's global mean loss (this rank's share x W, to be averaged over ranks), extra
+        metrics likewise, the units of the whole step, and the gradient norm.
         """
         tc, strategy = self.tc, self.strategy
         indices = self.train_sampler.indices(self.step)
         self.model.train()
+        micro_batches = [to_device(self.data.train.batch(shard(indices, strategy.rank, strategy.world_size,
+                                                                 tc.grad_accum_steps, micro)), self.device)
+                         for micro in range(tc.grad_accum_steps)]
+        local_units = [self.task.count(batch) for batch in micro_batches]
+        step_units = max(1.0, strategy.sum_across_ranks({"units": float(sum(local_units))})["units"])
         total = torch.zeros((), device=self.device)
         parts_total: dict[str, torch.Tensor] = {}
-        units = 0
-        for micro in range(tc.grad_accum_steps):
-            local = shard(indices, strategy.rank, strategy.world_size, tc.grad_accum_steps, micro)
-            batch = to_device(self.data.train.batch(local), self.device)
+        for micro, batch in enumerate(micro_batches):
+            weight = local_units[micro] * strategy.world_size / step_units
             with strategy.micro_step_context(self.model, micro == tc.grad_accum_steps - 1):
                 with strategy.autocast():
                     loss, parts = self.task.loss(self.model, batch)
-                strategy.backward(loss / tc.grad_accum_steps)
-            total += loss.detach().float() / tc.grad_accum_steps
+                strategy.backward(loss * weight)
+            total += loss.detach().float() * weight
             for k, v in parts.items():
-                parts_total[k] = parts_total.get(k, 0) + v.detach().float() / tc.grad_accum_steps
-            units += self.task.count(batch)
+                parts_total[k] = parts_total.get(k, 0) + v.detach().float() * weight
         grad_norm = strategy.clip_and_step(self.model, self.optimizer, tc.grad_clip)
         if self.step == 0:  # model-state bytes per rank, once gradients and optimizer state exist
             memory = strategy.memory_by_kind(self.model, self.optimizer)
@@ -324,14 +339,18 @@ class Trainer:
                 f"training loss became {total.item()} at step {self.step}",
                 "lower optimizer.lr, enable trainer.grad_clip, or use trainer.precision=fp32; "
                 f"the last good checkpoint is in {self.run_dir / 'checkpoints'}")
-        return total, parts_total, units, grad_norm
+        return total, parts_total, int(step_units), grad_norm
 
     # == evaluation, samples, checkpoints ==============================================================
     def _evaluate(self) -> dict[str, float]:
+        """Validation metrics over the fixed evaluation subset, shared out across ranks.
+
+        A metric is averaged weighted by `task.count(batch)` (the units its mean is over), or, when the
+        task returns it as a `(total, count)` pair, summed as such (e.g. exact matches per sequence).
+        """
         strategy, batch_size = self.strategy, self.tc.batch_size
         self.raw_model.eval()
         sums: dict[str, float] = defaultdict(float)
-        seen = 0
         with torch.no_grad():
             for start in range(0, len(self.eval_indices), batch_size):
                 chunk = self.eval_indices[start:start + batch_size]
@@ -339,10 +358,14 @@ class Trainer:
                 batch = to_device(self.data.val.batch(local), self.device)
                 with strategy.autocast():
                     values = self.task.evaluate(self.raw_model, batch)
+                units = float(self.task.count(batch))
                 for k, v in values.items():
-                    sums[k] += float(v) * len(local)
-                seen += len(local)
-        means = strategy.mean_across_ranks({f"val/{k}": v / max(seen, 1) for k, v in sums.items()})
+                    total, count = (float(v[0]), float(v[1])) if isinstance(v, tuple) else (float(v) * units, units)
+                    sums[f"{k}/total"] += total
+                    sums[f"{k}/count"] += count
+        sums = strategy.sum_across_ranks(dict(sums))
+        names = sorted({k.rsplit("/", 1)[0] for k in sums})
+        means = {f"val/{k}": sums[f"{k}/total"] / max(sums[f"{k}/count"], 1e-12) for k in names}
         self.log.log(self.step, means)
         self.evaluated_step = self.step
         if strategy.is_main:
@@ -372,6 +395,8 @@ class Trainer:
                  "data": {"step": self.step, "epoch": self.train_sampler.epoch_of(self.step)}}
         strategy = self.strategy
         meta = {"world_size": strategy.world_size, "strategy": strategy.name, "format": strategy.checkpoint_format}
+        if getattr(strategy, "consolidate_module", None):
+            meta["consolidate"] = strategy.consolidate_module  # how `papertrain export` reads this format
         self.checkpoints.save(self.step, lambda folder: strategy.save(folder, self.model, self.optimizer, state), meta)
         self.saved_step = self.step
 
@@ -387,7 +412,7 @@ class Trainer:
         if final:
             if self.evaluated_step != self.step:
                 self._evaluate()
-            if self.sampled_step != self.step:
+            if self.sampled_step != self.step and self.tc.sample_every >= 0:
                 self._sample()
         self._save()
         if not final and self.strategy.is_main:

@@ -140,8 +140,6 @@ BIG_BYTES = 4 * (65 * 512 + 32 * 512 + 12 * (12 * 512 * 512 + 13 * 512) + 2 * 51
 
 def build_and_measure(out: str, strategy: list[str]) -> None:
     import json
-    import resource
-
 
     from papertrain.config import load_config
     from papertrain.recipes.transformers.gpt.model import GPT
@@ -152,10 +150,11 @@ def build_and_measure(out: str, strategy: list[str]) -> None:
     # a small model first, so that one-time costs (imports, lazy initialisation) are not measured
     small = {**BIG, "n_layers": 1, "d_model": 32, "n_heads": 2}
     built.build_model(lambda: GPT(**small))
-    # growth = the new peak over what is resident now (the peak so far may be higher than that)
-    before = int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+    # measure the peak of this step alone: Linux resets the high-water mark (VmHWM) on request
+    Path("/proc/self/clear_refs").write_text("5")
+    before = resident_kib("VmRSS")
     module = built.build_model(lambda: GPT(**BIG))  # construction, sharding and initialisation
-    growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    growth = (resident_kib("VmHWM") - before) * 1024
     weight = module.layers[5].ffn.linear1.weight
     if hasattr(weight, "ds_tensor"):  # DeepSpeed: look at the whole weight for a moment
         import deepspeed
@@ -166,6 +165,12 @@ def build_and_measure(out: str, strategy: list[str]) -> None:
         std = float(whole.detach().std())
     held = sum(built.parameter_bytes(p) for p in module.parameters())
     Path(out, f"rank{built.rank}.json").write_text(json.dumps({"growth": growth, "held": held, "std": std}))
+
+
+def resident_kib(field: str) -> int:
+    """VmRSS (resident now) or VmHWM (peak since the last reset) of this process, in KiB."""
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field + ":"))
+    return int(line.split()[1])
 
 
 def measured(folder: Path) -> list[dict]:
@@ -232,3 +237,85 @@ def test_activation_checkpointing_saves_less_and_changes_nothing() -> None:
 def test_activation_checkpointing_under_fsdp2_matches_one_process(tmp_path: Path, single_process: Path) -> None:
     run_ranks(2, train_rank, str(tmp_path), ["strategy=fsdp2", "strategy.activation_checkpointing=true"])
     assert max(abs(a - b) for a, b in zip(losses(single_process), losses(tmp_path))) <= 1e-5
+
+
+# -- every recipe, unchanged, under every strategy ------------------------------------------------------
+RECIPE_CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[2] / "recipes").glob("*/*/tiny.yaml"))
+BRIEF = ["trainer.max_steps=2", "trainer.eval_batches=1", "trainer.batch_size=8", "trainer.log_every=1",
+         "trainer.progress=none", "trainer.plot=false", "trainer.tensorboard=false", "trainer.checkpoint_every=0",
+         "trainer.eval_every=0", "trainer.sample_every=-1"]
+
+
+def train_recipe(config_path: str, run_dir: str, overrides: list[str]) -> None:
+    Trainer(load_config(config_path, [*BRIEF, *overrides]), Path(run_dir)).run()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", [["strategy=ddp"], ["strategy=fsdp2"], ["strategy=deepspeed", "strategy.stage=3"]],
+                         ids=["ddp", "fsdp2", "zero3"])
+@pytest.mark.parametrize("config", RECIPE_CONFIGS, ids=lambda p: p.parent.name)
+def test_every_recipe_runs_unchanged_on_two_ranks(tmp_path: Path, config: Path, strategy: list[str]) -> None:
+    if "strategy=deepspeed" in strategy:
+        pytest.importorskip("deepspeed")
+    # dropout draws different masks on 1 and 2 processes; without it the two runs compute the same thing
+    no_dropout = ["model.dropout=0.0"] if "dropout" in load_config(config).tree["model"] else []
+    train_recipe(str(config), str(tmp_path / "one"), no_dropout)
+    run_ranks(2, train_recipe, str(config), str(tmp_path / "two"), [*no_dropout, *strategy])
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(two) == 2 and max(abs(a - b) for a, b in zip(one, two)) <= 1e-4, (one, two)
+    evaluated = [e for e in read_metrics(tmp_path / "two" / "metrics.jsonl") if "val/loss" in e]
+    assert evaluated, "evaluation ran on the sharded model"
+
+
+# -- export: any checkpoint -> one safetensors file --------------------------------------------------------
+@pytest.mark.slow
+def test_export_gives_the_same_weights_from_any_strategy(tmp_path: Path, single_process: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from papertrain.export import export
+
+    folder, layout = export(single_process, out=tmp_path / "single", layout="papertrain")
+    assert layout == "papertrain"
+    reference = load_file(folder / "model.safetensors")
+    strategies = {"fsdp2": ["strategy=fsdp2"]}
+    try:
+        import deepspeed  # noqa: F401
+        strategies["zero3"] = ["strategy=deepspeed", "strategy.stage=3"]
+    except ImportError:
+        pass
+    for name, strategy in strategies.items():
+        run_ranks(2, train_rank, str(tmp_path / name), strategy)
+        exported = load_file(export(tmp_path / name, out=tmp_path / f"{name}-export", layout="papertrain")[0]
+                             / "model.safetensors")
+        assert exported.keys() == reference.keys(), name
+        for key in reference:
+            torch.testing.assert_close(exported[key], reference[key], atol=1e-5, rtol=0, msg=f"{name}: {key}")
+
+
+def test_hf_export_loads_in_transformers_with_the_same_logits(tmp_path: Path, single_process: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    import torch
+    import yaml
+
+    from papertrain.config import instantiate
+    from papertrain.export import export, find_checkpoint, full_weights
+
+    folder, layout = export(single_process, out=tmp_path / "hf")
+    assert layout == "hf" and (folder / "config.json").is_file()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    ours = instantiate(yaml.safe_load((single_process / "config.yaml").read_text())["model"]).eval()
+    ours.load_state_dict(full_weights(find_checkpoint(single_process, None)))
+    tokens = torch.randint(0, 65, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(tokens).logits, ours(tokens), atol=1e-4, rtol=0)
+
+
+def test_export_errors_are_clear(tmp_path: Path, single_process: Path) -> None:
+    from papertrain.errors import PapertrainError
+    from papertrain.export import export
+
+    with pytest.raises(PapertrainError, match="has no checkpoints"):
+        export(tmp_path)
+    with pytest.raises(PapertrainError, match="no checkpoint of step 999"):
+        export(single_process, step=999, out=tmp_path / "x")

@@ -33,7 +33,7 @@ class TrainerConfig:
     device: str = _help("auto, cpu, cuda, cuda:N or mps", default="auto")
     eval_every: int = _help("evaluate every N steps (0: only at the end)", default=0)
     eval_batches: int = _help("validation batches per evaluation (a fixed subset)", default=10)
-    sample_every: int = _help("write samples every N steps (0: only at the end)", default=0)
+    sample_every: int = _help("write samples every N steps (0: only at the end; -1: never)", default=0)
     log_every: int = _help("log training metrics every N steps", default=10)
     checkpoint_every: int = _help("checkpoint every N steps (0: only at the end and on interrupt)", default=0)
     keep_last: int = _help("checkpoints to keep (older ones are deleted)", default=2)

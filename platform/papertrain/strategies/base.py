@@ -184,6 +184,9 @@ class Strategy:
     def mean_across_ranks(self, values: dict[str, float]) -> dict[str, float]:
         return distributed.mean_across_ranks(values)
 
+    def sum_across_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        return distributed.sum_across_ranks(values)
+
     def barrier(self) -> None:
         distributed.barrier()
 

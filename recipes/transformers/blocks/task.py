@@ -80,7 +80,9 @@ class SortTask:
     def evaluate(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         loss, parts = self.loss(model, batch)
         decoded = model.greedy_decode(batch["source"], BOS, EOS, max_len=batch["target_out"].shape[1])
-        return {"loss": loss, **parts, "exact_match": _exact_match(decoded, batch["target_out"])}
+        exact = _exact_matches(decoded, batch["target_out"])
+        # loss and token accuracy are means over tokens; exact match counts sequences: (matches, sequences)
+        return {"loss": loss, **parts, "exact_match": (float(exact.sum()), len(exact))}
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["target_out"] != PAD).sum())
@@ -96,11 +98,11 @@ class SortTask:
         return {"sorted": "\n".join(lines)}
 
 
-def _exact_match(decoded: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Fraction of sequences decoded exactly, up to and including EOS."""
+def _exact_matches(decoded: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per sequence, 1.0 if it was decoded exactly, up to and including EOS."""
     width = target.shape[1]
     if decoded.shape[1] < width:
         decoded = F.pad(decoded, (0, width - decoded.shape[1]), value=PAD)
     decoded = decoded[:, :width]
     real = target != PAD
-    return (((decoded == target) | ~real).all(dim=1)).float().mean()
+    return ((decoded == target) | ~real).all(dim=1).float()

@@ -80,7 +80,10 @@ def hf_config(model: GPT, dropout: float = 0.0) -> dict:
     common = {"vocab_size": model.vocab_size, "n_positions": model.block_size, "n_embd": model.d_model,
               "n_layer": model.n_layers, "n_head": layer.attention.n_heads,
               "layer_norm_epsilon": layer.norm1.eps, "resid_pdrop": dropout, "embd_pdrop": dropout,
-              "attn_pdrop": dropout, "tie_word_embeddings": True}
+              "attn_pdrop": dropout, "tie_word_embeddings": True,
+              # GPT-2's <|endoftext|> is id 50256; a smaller vocabulary (characters) has no such token
+              "bos_token_id": 50256 if model.vocab_size > 50256 else None,
+              "eos_token_id": 50256 if model.vocab_size > 50256 else None}
     if flavour_of(model) == "gpt2":
         return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_inner": layer.ffn.linear1.out_features,
                 "activation_function": _HF_ACTIVATION[activation], **common}

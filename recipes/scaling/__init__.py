@@ -1,0 +1,1 @@
+"""Scaling training: how model states are split across processes."""
