@@ -81,14 +81,23 @@ class CheckpointDir:
     def save(self, step: int, write: Callable[[Path], None], meta: dict[str, Any]) -> Path:
         """Create the checkpoint of `step`: every rank's `write(folder)` fills one temporary folder,
         then rank 0 renames it into place. Call on every rank."""
-        final = self.root / f"step_{step:08d}"
-        temporary = self.root / f"{_TEMPORARY_PREFIX}{final.name}"
+        write(self.begin(step))
+        return self.commit(step, meta)
+
+    def begin(self, step: int) -> Path:
+        """The temporary folder that becomes checkpoint `step` on commit (every rank gets the same one)."""
+        temporary = self.root / f"{_TEMPORARY_PREFIX}step_{step:08d}"
         if self.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(temporary, ignore_errors=True)
             temporary.mkdir()
         barrier()
-        write(temporary)
+        return temporary
+
+    def commit(self, step: int, meta: dict[str, Any]) -> Path:
+        """Once every rank has written (waited for, if the writes ran in the background): rename into place."""
+        final = self.root / f"step_{step:08d}"
+        temporary = self.root / f"{_TEMPORARY_PREFIX}{final.name}"
         barrier()
         if self.is_main:
             (temporary / META_FILE).write_text(json.dumps({"step": step, "time": time.time(), **meta}, indent=2))
@@ -168,8 +177,12 @@ def join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict[str, Any])
 
 
 def save_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                        train_state: dict[str, Any], rank: int) -> None:
-    """Weights, optimizer and the rest of `train_state` into `folder` (call on every rank)."""
+                        train_state: dict[str, Any], rank: int, background_group: Any = None) -> list[Any]:
+    """Weights, optimizer and the rest of `train_state` into `folder` (call on every rank).
+
+    With `background_group` (a process group of its own), the tensors are copied aside and written by a
+    background thread: training goes on, and the returned futures say when the files are complete.
+    """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -178,13 +191,19 @@ def save_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.O
     weights, aliases = split_aliases(model_state)
     moments, rest = split_optimizer_state(optimizer_state)
     sharded = dist.is_initialized() and dist.get_world_size() > 1
+    pending = []
     with single_process_dcp():
-        dcp.save(weights, storage_writer=HuggingFaceStorageWriter(str(folder / MODEL_DIR), save_distributed=sharded))
-        dcp.save(moments, storage_writer=HuggingFaceStorageWriter(str(folder / OPTIMIZER_DIR),
-                                                                  save_distributed=sharded))
+        for part, tensors in ((MODEL_DIR, weights), (OPTIMIZER_DIR, moments)):
+            writer = HuggingFaceStorageWriter(str(folder / part), save_distributed=sharded)
+            if background_group is None:
+                dcp.save(tensors, storage_writer=writer)
+            else:
+                group = background_group if sharded else None
+                pending.append(dcp.async_save(tensors, storage_writer=writer, process_group=group))
     if rank == 0:
         torch.save({**train_state, "optimizer": rest, "aliases": aliases}, folder / STATE_FILE)
     save_rng(folder, rank)
+    return pending
 
 
 def load_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int

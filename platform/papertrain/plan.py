@@ -11,6 +11,7 @@ for any size. Model states follow the ZeRO paper's accounting (Rajbhandari et al
     DeepSpeed stage 1       pΨ weights + pΨ gradients + (4 + K)Ψ / N (fp32 master + optimizer)
     DeepSpeed stage 2       pΨ + (p + 4 + K)Ψ / N
     DeepSpeed stage 3       (p + p + 4 + K)Ψ / N     (the fp32 master copy is kept even in fp32 runs)
+    pipeline, biases only   2Ψ / N frozen fp16 weights (layers split over the GPUs) + (4 + 4 + K)·Ψ_bias / N
 
 Activations of a transformer layer (Korthikanti et al. 2022, "Reducing Activation Recomputation in
 Large Transformer Models", §4.1) for micro-batch b, sequence s, width h, in 2-byte precision:
@@ -46,6 +47,7 @@ def parse_bytes(text: str) -> int:
 @dataclass
 class ModelFacts:
     parameters: int
+    vectors: int  # parameters in 1-D tensors: biases and norm gains (what "train biases only" trains)
     tensors: int  # parameter tensors (Adam keeps one step counter per tensor)
     largest_block: int  # parameters of the biggest repeated block (gathered whole under ZeRO-3)
     layers: int | None
@@ -62,6 +64,7 @@ def model_facts(config: LoadedConfig) -> ModelFacts:
     blocks = blocks_of(model)
     return ModelFacts(
         parameters=sum(p.numel() for p in unique.values()), tensors=len(unique),
+        vectors=sum(p.numel() for p in unique.values() if p.dim() < 2),
         largest_block=max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0),
         layers=getattr(model, "n_layers", None) or (len(blocks) or None),
         width=getattr(model, "d_model", None), context=getattr(model, "block_size", None))
@@ -123,6 +126,12 @@ def training_estimates(config: LoadedConfig, facts: ModelFacts, gpus: int) -> li
                                   act + (gathered if stage == 3 else 0),
                                   "fp32 master copy of each shard" + (" (gradients whole during backward)"
                                                                       if stage == 1 else "")))
+    # the seed's "finetune on two GPUs": a frozen fp16 base split by layers (a pipeline), training only
+    # the biases and norm gains (fp32 copies, gradients and Adam state for those alone)
+    trainable = facts.vectors
+    estimates.append(Estimate(f"pipeline x{n}, biases", 2 * psi / n, 4 * trainable / n,
+                              (4 + k) * trainable / n, act / n + gathered / 2,
+                              f"frozen fp16 base split over {n} GPU(s); trains {trainable:,} parameters"))
     return estimates
 
 

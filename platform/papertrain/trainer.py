@@ -391,14 +391,29 @@ class Trainer:
     def _save(self) -> None:
         if self.saved_step == self.step:
             return
+        self._commit_pending()  # one background save at a time
         state = {"step": self.step, "scheduler": self.scheduler.state_dict() if self.scheduler else None,
                  "data": {"step": self.step, "epoch": self.train_sampler.epoch_of(self.step)}}
         strategy = self.strategy
         meta = {"world_size": strategy.world_size, "strategy": strategy.name, "format": strategy.checkpoint_format}
         if getattr(strategy, "consolidate_module", None):
             meta["consolidate"] = strategy.consolidate_module  # how `papertrain export` reads this format
-        self.checkpoints.save(self.step, lambda folder: strategy.save(folder, self.model, self.optimizer, state), meta)
+        folder = self.checkpoints.begin(self.step)
+        pending = strategy.save(folder, self.model, self.optimizer, state) or []
+        self.pending_save = (self.step, pending, meta)
+        if not pending:
+            self._commit_pending()
         self.saved_step = self.step
+
+    def _commit_pending(self) -> None:
+        """Wait for a checkpoint being written in the background, then rename it into place."""
+        if getattr(self, "pending_save", None) is None:
+            return
+        step, futures, meta = self.pending_save
+        for future in futures:
+            future.result()
+        self.checkpoints.commit(step, meta)
+        self.pending_save = None
 
     def _record_gradient_bytes(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """Just before the first optimizer step: the bytes of the gradients this rank holds. (DeepSpeed
@@ -415,6 +430,7 @@ class Trainer:
             if self.sampled_step != self.step and self.tc.sample_every >= 0:
                 self._sample()
         self._save()
+        self._commit_pending()
         if not final and self.strategy.is_main:
             print(f"interrupted at step {self.step}; checkpoint saved in {self.run_dir / 'checkpoints'}. "
                   "Run the same command again to resume.", file=sys.stderr, flush=True)

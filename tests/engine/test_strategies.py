@@ -319,3 +319,54 @@ def test_export_errors_are_clear(tmp_path: Path, single_process: Path) -> None:
         export(tmp_path)
     with pytest.raises(PapertrainError, match="no checkpoint of step 999"):
         export(single_process, step=999, out=tmp_path / "x")
+
+
+# -- checkpoints written in the background ---------------------------------------------------------------
+ASYNC = ["trainer.checkpoint_every=2", "trainer.keep_last=5", "trainer.max_steps=6"]
+
+
+def checkpoint_tensors(run_dir: Path, step: int) -> dict:
+    from safetensors.torch import load_file
+
+    folder = run_dir / "checkpoints" / f"step_{step:08d}"
+    return {f"{part}/{f.name}:{k}": v for part in ("model", "optimizer")
+            for f in sorted((folder / part).glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [1, 2])
+def test_async_checkpoints_hold_exactly_their_step(tmp_path: Path, world: int) -> None:
+    """Training goes on while a checkpoint is written; what lands on disk must still be that step's state."""
+    import torch
+
+    strategy = ["strategy=fsdp2"] if world == 2 else []
+    for name, extra in (("sync", []), ("async", ["strategy.async_checkpoint=true"])):
+        overrides = [*ASYNC, *strategy, *extra]
+        if world == 1:
+            train_rank(str(tmp_path / name), overrides)
+        else:
+            run_ranks(2, train_rank, str(tmp_path / name), overrides)
+    assert losses(tmp_path / "sync") == losses(tmp_path / "async")
+    for step in (2, 4, 6):
+        sync, background = checkpoint_tensors(tmp_path / "sync", step), checkpoint_tensors(tmp_path / "async", step)
+        assert sync.keys() == background.keys() and sync
+        assert all(torch.equal(sync[k], background[k]) for k in sync), f"step {step} differs"
+    assert not list((tmp_path / "async" / "checkpoints").glob(".tmp-*")), "every background save was committed"
+
+
+def test_async_checkpoint_is_refused_where_it_is_not_implemented(tmp_path: Path) -> None:
+    from papertrain.errors import PapertrainError
+
+    with pytest.raises(PapertrainError, match="async_checkpoint is implemented for single, ddp and fsdp2"):
+        train_rank(str(tmp_path), ["strategy=zero3_reference", "strategy.world_size=1",
+                                   "strategy.async_checkpoint=true"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", [["strategy=ddp"], ["strategy=fsdp2"]], ids=["ddp-bf16", "fsdp2-bf16"])
+def test_bf16_on_two_ranks_tracks_bf16_on_one(tmp_path: Path, strategy: list[str]) -> None:
+    """Mixed precision per strategy: autocast under DDP, FSDP2's MixedPrecisionPolicy (bf16 compute)."""
+    train_rank(str(tmp_path / "one"), ["trainer.precision=bf16"])
+    run_ranks(2, train_rank, str(tmp_path / "two"), [*strategy, "trainer.precision=bf16"])
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(two) == 5 and max(abs(a - b) for a, b in zip(one, two)) <= 1e-3, (one, two)

@@ -63,6 +63,8 @@ class StrategyConfig:
                             "rank only its shard: the whole model never exists on one rank", default=False)
     reshard_after_forward: bool = _help("fsdp2: free gathered parameters after each block's forward",
                                         default=True)
+    async_checkpoint: bool = _help("write checkpoints in the background while training goes on (single, ddp, "
+                                   "fsdp2); each appears, renamed into place, once complete", default=False)
     world_size: int | None = _help("the number of processes this job must have (refuse to train otherwise)",
                                    default=None)
     deepspeed: dict | None = _help("extra DeepSpeed config keys, merged over the ones papertrain derives",

@@ -33,6 +33,10 @@ def build_strategy(options, trainer, info: ProcessInfo | None = None) -> Strateg
             f"(no launcher environment: RANK/WORLD_SIZE or an srun step)",
             f"start N processes with `papertrain launch --nproc N ...` (or torchrun, deepspeed, srun); for one "
             f"process use strategy=single, or strategy.world_size=1 to run {options.name} on a single rank")
+    if options.async_checkpoint and options.name in ("deepspeed", "zero3_reference"):
+        raise PapertrainError(f"strategy.async_checkpoint is implemented for single, ddp and fsdp2, not "
+                              f"strategy={options.name} (which writes its checkpoints its own way)",
+                              "drop strategy.async_checkpoint, or use strategy=fsdp2")
     connect(info, device.type, expected_world_size=options.world_size,
             single_rank_group=options.name != "single")
     precision = pick_precision(trainer.precision, device)

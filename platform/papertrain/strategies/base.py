@@ -192,11 +192,23 @@ class Strategy:
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def save(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-             train_state: dict[str, Any]) -> None:
-        """Called on every rank, inside the temporary checkpoint folder."""
+             train_state: dict[str, Any]) -> list[Any]:
+        """Called on every rank, inside the temporary checkpoint folder. Returns the futures of writes
+        still running in the background (`strategy.async_checkpoint`), if any."""
         if self.scaler:
             train_state = {**train_state, "grad_scaler": self.scaler.state_dict()}
-        save_training_state(folder, self.unwrap(model), optimizer, train_state, self.rank)
+        return save_training_state(folder, self.unwrap(model), optimizer, train_state, self.rank,
+                                   background_group=self.background_group())
+
+    def background_group(self) -> Any:
+        """A process group for background checkpoint writes, apart from training's collectives."""
+        if not getattr(self.options, "async_checkpoint", False):
+            return None
+        if not hasattr(self, "_background_group"):
+            import torch.distributed as dist
+
+            self._background_group = dist.new_group(backend="gloo") if dist.is_initialized() else "local"
+        return self._background_group
 
     def load(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         state = load_training_state(folder, self.unwrap(model), optimizer, self.rank)
