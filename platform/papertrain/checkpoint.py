@@ -28,6 +28,7 @@ import re
 import shutil
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -182,6 +183,8 @@ def save_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.O
 
     With `background_group` (a process group of its own), the tensors are copied aside and written by a
     background thread: training goes on, and the returned futures say when the files are complete.
+    One thread writes both parts, one after the other: two concurrent DCP saves would interleave their
+    collectives on the one group in a different order on each rank, and deadlock.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
@@ -191,15 +194,21 @@ def save_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.O
     weights, aliases = split_aliases(model_state)
     moments, rest = split_optimizer_state(optimizer_state)
     sharded = dist.is_initialized() and dist.get_world_size() > 1
+    parts = ((MODEL_DIR, weights), (OPTIMIZER_DIR, moments))
+    group = background_group if sharded and background_group != "local" else None
+
+    def write(parts: tuple[tuple[str, dict[str, Any]], ...]) -> None:
+        with single_process_dcp():
+            for part, tensors in parts:
+                dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(folder / part), save_distributed=sharded),
+                         process_group=group)
+
     pending = []
-    with single_process_dcp():
-        for part, tensors in ((MODEL_DIR, weights), (OPTIMIZER_DIR, moments)):
-            writer = HuggingFaceStorageWriter(str(folder / part), save_distributed=sharded)
-            if background_group is None:
-                dcp.save(tensors, storage_writer=writer)
-            else:
-                group = background_group if sharded else None
-                pending.append(dcp.async_save(tensors, storage_writer=writer, process_group=group))
+    if background_group is None:
+        write(parts)
+    else:  # a copy of this step's tensors (training will change the originals), written in the background
+        staged = tuple((part, {k: _copy_aside(v) for k, v in tensors.items()}) for part, tensors in parts)
+        pending.append(_background_writer().submit(write, staged))
     if rank == 0:
         torch.save({**train_state, "optimizer": rest, "aliases": aliases}, folder / STATE_FILE)
     save_rng(folder, rank)
@@ -239,6 +248,24 @@ def load_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.O
                    optim_state_dict=join_optimizer_state(moments, state["optimizer"]))
     load_rng(folder, rank)
     return state
+
+
+_WRITER: ThreadPoolExecutor | None = None
+
+
+def _background_writer() -> ThreadPoolExecutor:
+    """The one thread that writes checkpoints in the background (saves run in order, never two at once)."""
+    global _WRITER
+    if _WRITER is None:
+        _WRITER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="papertrain-checkpoint")
+    return _WRITER
+
+
+def _copy_aside(value: Any) -> Any:
+    """A tensor (a DTensor keeps its sharding) copied to CPU memory, detached from training."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    return value
 
 
 @contextlib.contextmanager

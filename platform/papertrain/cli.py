@@ -8,6 +8,8 @@
     papertrain cp RECIPE DEST.yaml                       copy a config to edit
     papertrain validate RECIPE|FILE [key=value ...]      every config problem at once
     papertrain show RECIPE|FILE [key=value ...]          the resolved config
+    papertrain submit RECIPE|FILE [key=value ...]        to Slurm (--sweep, --dry-run, --local; see --help)
+    papertrain jobs / papertrain logs JOB                submitted jobs, their states and logs
 
 RECIPE is a name from `papertrain ls` (`gpt`), optionally with a config (`gpt:tiny`).
 """
@@ -130,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target(show)
     show.add_argument("--origins", action="store_true", help="print each key with where it was set")
     show.set_defaults(handler=cmd_show)
+
+    from papertrain.cluster.commands import add_commands  # submit, jobs, logs (Slurm)
+
+    add_commands(commands, _add_target)
     return parser
 
 

@@ -87,10 +87,48 @@ class _StopRequest:
         print(f"\n{self.requested}: finishing this step, then saving a checkpoint (Ctrl-C again to stop now)",
               file=sys.stderr, flush=True)
 
+    def request(self, reason: str) -> None:
+        """Stop after this step, for `reason` (e.g. a cluster's preemption signal; see papertrain.cluster)."""
+        if self.requested is None:
+            self.requested = reason
+            print(f"\n{reason}: finishing this step, then saving a checkpoint", file=sys.stderr, flush=True)
+
     def uninstall(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+
+
+class _LogWindow:
+    """Sums over the steps since the last logged line: each line's train/loss is their mean.
+
+    A checkpoint taken between two lines keeps these sums (added up over the ranks), so the first line
+    after a resume averages the same steps as it would have without the interruption."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = torch.zeros((), device=self.device)
+        self.extra: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
+        self.steps, self.units, self.time = 0, 0, 0.0
+
+    def state(self, strategy: Strategy) -> dict[str, Any]:
+        """The job's sums (a collective: every rank calls it)."""
+        totals = strategy.sum_across_ranks({"loss": float(self.loss), **{f"extra/{k}": float(v)
+                                                                          for k, v in self.extra.items()}})
+        return {"steps": self.steps, "units": self.units, "time": self.time, **totals}
+
+    def restore(self, state: dict[str, Any], holds_sums: bool) -> None:
+        """Rank 0 holds the job's sums, the other ranks zero: the next line's mean over ranks is unchanged."""
+        self.reset()
+        self.steps, self.units, self.time = state["steps"], state["units"], state["time"]
+        if holds_sums:
+            self.loss.fill_(state["loss"])
+            for key, value in state.items():
+                if key.startswith("extra/"):
+                    self.extra[key[len("extra/"):]].fill_(value)
 
 
 class Trainer:
@@ -116,8 +154,10 @@ class Trainer:
             self.strategy = build_strategy(self.cfg.strategy, tc)
         strategy = self.strategy
         self.device = strategy.device
+        self.window = _LogWindow(self.device)
+        shared_cores = strategy.world_size > 1 or "SLURM_CPUS_PER_TASK" in os.environ
         threads = tc.threads or (default_threads(strategy.info.local_world_size)
-                                 if strategy.world_size > 1 and self.device.type == "cpu" else None)
+                                 if shared_cores and self.device.type == "cpu" else None)
         if threads:
             torch.set_num_threads(threads)
         seed_everything(self.cfg.seed)
@@ -186,6 +226,8 @@ class Trainer:
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.step = self.saved_step = self.evaluated_step = self.sampled_step = state["step"]
+        if state.get("window"):
+            self.window.restore(state["window"], self.strategy.is_main)
         if self.strategy.is_main:
             truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
         self.resumed_from = folder
@@ -248,29 +290,27 @@ class Trainer:
 
     def _train(self, progress: Progress) -> str:
         tc = self.tc
-        window_loss = torch.zeros((), device=self.device)
-        window_steps, window_units, window_time = 0, 0, 0.0
-        extra: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
+        window = self.window  # the steps since the last logged line (restored on resume: see _save)
         step_time_avg: float | None = None
         while self.step < tc.max_steps:
-            if self.stop.requested:
+            if self.strategy.any_rank(self.stop.requested is not None):  # all ranks stop at the same step
                 self._save()
                 return "interrupted"
             tick = time.perf_counter()
             loss, parts, units, grad_norm = self.train_step()
-            window_loss += loss
+            window.loss += loss
             for k, v in parts.items():
-                extra[k] += v
-            window_steps += 1
-            window_units += units
-            window_time += time.perf_counter() - tick
+                window.extra[k] += v
+            window.steps += 1
+            window.units += units
+            window.time += time.perf_counter() - tick
 
             if self.step % tc.log_every == 0 or self.step == tc.max_steps:
                 mean = self.strategy.mean_across_ranks(
-                    {"train/loss": (window_loss / window_steps).item(),
-                     **{f"train/{k}": (v / window_steps).item() for k, v in extra.items()}})
-                rate = window_units / max(window_time, 1e-9)  # units of the whole job
-                per_step = window_time / window_steps
+                    {"train/loss": (window.loss / window.steps).item(),
+                     **{f"train/{k}": (v / window.steps).item() for k, v in window.extra.items()}})
+                rate = window.units / max(window.time, 1e-9)  # units of the whole job
+                per_step = window.time / window.steps
                 step_time_avg = per_step if step_time_avg is None else 0.7 * step_time_avg + 0.3 * per_step
                 values = {**mean, "train/lr": self.optimizer.param_groups[0]["lr"],
                           f"throughput/{self.task.unit}_per_s": rate,
@@ -281,9 +321,7 @@ class Trainer:
                 eta = step_time_avg * (tc.max_steps - self.step)
                 progress.update(self.step, {"loss": f"{mean['train/loss']:.4f}", self.task.unit + "/s": f"{rate:,.0f}"},
                                 eta)
-                window_loss.zero_()
-                extra.clear()
-                window_steps, window_units, window_time = 0, 0, 0.0
+                window.reset()
 
             if tc.eval_every and self.step % tc.eval_every == 0 and self.step < tc.max_steps:
                 self._evaluate()
@@ -393,7 +431,8 @@ class Trainer:
             return
         self._commit_pending()  # one background save at a time
         state = {"step": self.step, "scheduler": self.scheduler.state_dict() if self.scheduler else None,
-                 "data": {"step": self.step, "epoch": self.train_sampler.epoch_of(self.step)}}
+                 "data": {"step": self.step, "epoch": self.train_sampler.epoch_of(self.step)},
+                 "window": self.window.state(self.strategy)}
         strategy = self.strategy
         meta = {"world_size": strategy.world_size, "strategy": strategy.name, "format": strategy.checkpoint_format}
         if getattr(strategy, "consolidate_module", None):
@@ -441,7 +480,9 @@ class Trainer:
 
 
 def default_threads(processes_on_this_machine: int) -> int:
-    """CPU threads per rank when several ranks share this machine's cores."""
+    """CPU threads per rank when several ranks share this machine's cores (under Slurm: the task's CPUs)."""
+    if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        return max(1, int(os.environ["SLURM_CPUS_PER_TASK"]))
     return max(1, (os.cpu_count() or 1) // max(1, processes_on_this_machine))
 
 

@@ -52,6 +52,27 @@ def test_resume_is_bit_identical(tmp_path: Path) -> None:
         assert all(torch.equal(straight_state[k], resumed_state[k]) for k in straight_state)
 
 
+def test_a_stop_between_logged_lines_loses_nothing(tmp_path: Path) -> None:
+    """A stop (Ctrl-C, a cluster's preemption signal) at step 6 with a line every 4 steps: the line at
+    step 8 must still average steps 5-8, so the checkpoint carries the steps since the last line."""
+    common = ["model.dropout=0.1", "trainer.log_every=4", "trainer.max_steps=12"]
+    train(tmp_path / "straight", *common)
+    trainer = Trainer(load_config(gpt_config_path(), [*SMALL_GPT, *common]), tmp_path / "stopped")
+    step = trainer.train_step
+
+    def step_then_stop():
+        out = step()
+        if trainer.step == 6:
+            trainer.stop.request("a test's stop")
+        return out
+
+    trainer.train_step = step_then_stop
+    assert trainer.run().status == "interrupted" and trainer.step == 6
+    assert sorted(losses(tmp_path / "stopped")) == [4]
+    assert train(tmp_path / "stopped", *common).status == "completed"
+    assert losses(tmp_path / "stopped") == losses(tmp_path / "straight")  # exact, steps 4, 8 and 12
+
+
 def test_a_finished_run_is_not_trained_again(tmp_path: Path) -> None:
     train(tmp_path / "run", "trainer.max_steps=3")
     again = train(tmp_path / "run", "trainer.max_steps=3")

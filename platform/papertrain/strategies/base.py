@@ -190,6 +190,19 @@ class Strategy:
     def barrier(self) -> None:
         distributed.barrier()
 
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank if `flag` is true on any (a stop signal reaches ranks at different moments;
+        all must stop at the same step). Runs on a CPU (gloo) group, so a GPU job does not sync its stream."""
+        if self.world_size == 1:
+            return flag
+        import torch.distributed as dist
+
+        if not hasattr(self, "_control_group"):
+            self._control_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        vote = torch.tensor([int(flag)])
+        dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self._control_group)
+        return bool(vote.item())
+
     # -- checkpoints ----------------------------------------------------------------------------------
     def save(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
              train_state: dict[str, Any]) -> list[Any]:
