@@ -12,6 +12,8 @@ train side by side believing they are alone.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import os
 import socket
 import subprocess
@@ -77,6 +79,7 @@ def connect(info: ProcessInfo, device_type: str, expected_world_size: int | None
             "--num_processes says: use `papertrain launch --nproc N` (torchrun) instead")
     if dist.is_initialized():
         return
+    atexit.register(disconnect)  # a process that never calls it must still not exit with live groups
     if not info.distributed:
         if single_rank_group:
             with socket.socket() as probe:
@@ -102,8 +105,14 @@ def connect(info: ProcessInfo, device_type: str, expected_world_size: int | None
 
 
 def disconnect() -> None:
+    """Leave the job's process groups, and free them while the interpreter is whole.
+
+    A group freed only during interpreter exit can abort the process: its gloo worker thread, releasing
+    the last collective it ran, needs the GIL that exit is tearing down ("terminate called without an
+    active exception"). Hence Trainer._close drops the model (FSDP2 holds the groups) before this."""
     if dist.is_initialized():
         dist.destroy_process_group()
+        gc.collect()
 
 
 def mean_across_ranks(values: dict[str, float]) -> dict[str, float]:

@@ -272,6 +272,12 @@ class Trainer:
             self.strategy.teardown()
         if hasattr(self, "lock"):
             self.lock.release()
+        if self.owns_process_group and torch.distributed.is_initialized():
+            # Free the model (FSDP2 keeps references to its process groups) before the groups go, so
+            # each group is destroyed now, its worker threads joined, not during interpreter exit: a gloo
+            # worker releasing its last collective then needs the GIL, and aborts the process.
+            for name in ("model", "raw_model", "optimizer", "scheduler"):
+                self.__dict__.pop(name, None)
         if self.owns_process_group:
             disconnect()
 

@@ -173,8 +173,8 @@ def resumed_step(log: str) -> list[int]:
     return [int(m) for m in re.findall(r"resumed: from \S+ \(step (\d+)\)", log)]
 
 
-# long enough (~30 s on 2 cores) for a signal to land mid-training; both interruption tests train this
-LONG = [*QUICK, "trainer.max_steps=6000", "trainer.log_every=200"]
+# long enough (~60 s on 2 cores) that Slurm's time-limit signal (checked every ~30 s) lands mid-training
+LONG = [*QUICK, "trainer.max_steps=12000", "trainer.log_every=400"]
 _uninterrupted: dict[str, dict[int, float]] = {}
 
 
@@ -194,7 +194,7 @@ def test_preempted_job_requeues_and_resumes_exactly(cluster: Path) -> None:
     log = log_of(job)
     assert "checkpoint saved, requeueing" in log and "requeued 1 time(s)" in log, log
     [step] = resumed_step(log)
-    assert 400 <= step < 6000
+    assert 400 <= step < 12000
     assert losses(cluster / "preempted") == uninterrupted(cluster)
 
 
@@ -205,7 +205,7 @@ def test_time_limit_saves_requeues_and_resumes_exactly(cluster: Path) -> None:
     log = log_of(job)
     assert "this job is timed-out" in log and "requeued 1 time(s)" in log, log
     steps = resumed_step(log)
-    assert steps and all(0 < s < 6000 for s in steps) and steps == sorted(steps)
+    assert steps and all(0 < s < 12000 for s in steps) and steps == sorted(steps)
     assert losses(cluster / "timed") == uninterrupted(cluster)
 
 

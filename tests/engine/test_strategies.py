@@ -142,6 +142,7 @@ def build_and_measure(out: str, strategy: list[str]) -> None:
     import json
 
     from papertrain.config import load_config
+    from papertrain.distributed import disconnect
     from papertrain.recipes.transformers.gpt.model import GPT
     from papertrain.strategies import build_strategy
 
@@ -165,6 +166,8 @@ def build_and_measure(out: str, strategy: list[str]) -> None:
         std = float(whole.detach().std())
     held = sum(built.parameter_bytes(p) for p in module.parameters())
     Path(out, f"rank{built.rank}.json").write_text(json.dumps({"growth": growth, "held": held, "std": std}))
+    del module, weight, built
+    disconnect()  # the groups go while the interpreter is whole (see papertrain.distributed.disconnect)
 
 
 def resident_kib(field: str) -> int:
