@@ -8,14 +8,16 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 DB_PORT=${SLURM_LOCAL_DB_PORT:-3307}
 log() { echo "slurm-localhost: $*" >&2; }
 
+# exit status 3: not root, 4: the packages cannot be installed (the tests skip, saying so); else 1
 if [ "$(id -u)" != 0 ]; then log "needs root (the daemons run as root and munge)"; exit 3; fi
 missing=""
 for tool in slurmctld slurmd slurmdbd sbatch munged mariadbd; do command -v "$tool" >/dev/null || missing=1; done
 if [ -n "$missing" ]; then
   log "installing Debian's slurmctld slurmd slurmdbd slurm-client munge mariadb-server"
-  apt-get update -qq >&2
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    slurmctld slurmd slurmdbd slurm-client munge mariadb-server >&2
+  if ! { apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+         slurmctld slurmd slurmdbd slurm-client munge mariadb-server >&2; }; then
+    log "could not install the Slurm packages (no Debian package mirror reachable?)"; exit 4
+  fi
 fi
 mkdir -p "$D/munge" "$D/ctld" "$D/d" "$D/db"
 chown munge:munge "$D/munge"; chmod 0755 "$D/munge"   # munged insists on this
