@@ -4,6 +4,7 @@ come before anything is submitted, and a real job through submitit's local execu
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -167,3 +168,29 @@ def test_without_submitit_the_error_says_what_to_install(capsys: pytest.CaptureF
     monkeypatch.setitem(sys.modules, "submitit", None)  # as if not installed
     assert main(["submit", "gpt", "--dry-run"]) == 2
     assert "pip install 'papertrain[cluster]'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("procid,node,localid", [("0", "0", "0"), ("5", "1", "1"), ("7", "1", "3")])
+def test_a_two_node_job_gives_every_task_its_rank_and_one_rendezvous(monkeypatch: pytest.MonkeyPatch,
+                                                                      procid: str, node: str, localid: str) -> None:
+    """What a task of `--nodes 2 --gpus-per-node 4` sees: Slurm's variables become torch.distributed's,
+    with the first node as the rendezvous and the same port on every task (one process per GPU)."""
+    import submitit
+
+    from papertrain.cluster.job import export_rendezvous, rendezvous_port
+    from papertrain.distributed import process_info
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.setenv(key, "")  # recorded, so that what export_rendezvous sets is undone after the test
+        monkeypatch.delenv(key)
+    slurm = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "777", "SLURM_NTASKS": "8", "SLURM_JOB_NUM_NODES": "2",
+             "SLURM_JOB_NODELIST": "gpu-[012-013]", "SLURM_PROCID": procid, "SLURM_NODEID": node,
+             "SLURM_LOCALID": localid}
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    export_rendezvous(submitit.JobEnvironment())
+    info = process_info()
+    assert (info.rank, info.world_size, info.local_rank, info.local_world_size) == (int(procid), 8, int(localid), 4)
+    assert os.environ["MASTER_ADDR"] == "gpu-012" and os.environ["MASTER_PORT"] == str(rendezvous_port("777"))
+    assert rendezvous_port("777_0") != rendezvous_port("777_1"), "array elements on one node must not collide"
