@@ -166,17 +166,14 @@ def cmd_logs(args: argparse.Namespace) -> int:
                               f"a pending job has no log; `papertrain logs {record.job_id} --follow` waits for it")
     position = 0
     while True:
+        # the state first: a job seen ended has written its last line, which the read below then prints
+        finished = not args.follow or states([record])[record.job_id].split()[0] in FINAL_STATES
         if path.exists():
             with path.open() as log:
                 log.seek(position)
-                chunk = log.read()
+                sys.stdout.write(log.read())
                 position = log.tell()
-            sys.stdout.write(chunk)
             sys.stdout.flush()
-        if not args.follow or states([record])[record.job_id].split()[0] in FINAL_STATES:
-            if args.follow and path.exists():  # the last lines written before it ended
-                with path.open() as log:
-                    log.seek(position)
-                    sys.stdout.write(log.read())
+        if finished:
             return 0
         time.sleep(1.0)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import signal
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,15 +95,11 @@ class TrainingJob:
                                                               self.workdir, self.env))
 
 
-def rendezvous_port(job_id: str) -> int:
-    """A port in 20000-39999 from the job id ("123", or "123_4" for an array element): the same on every
-    task and after a requeue, and different for the elements of one array that share a node."""
-    return 20000 + zlib.crc32(job_id.encode()) % 20000
-
-
 def export_rendezvous(job: Any) -> None:
     """RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT from submitit's view of
     the job (Slurm's variables, or the local executor's)."""
+    from papertrain.distributed import rendezvous_port
+
     tasks, nodes = job.num_tasks, max(job.num_nodes, 1)
     os.environ.update(
         RANK=str(job.global_rank), WORLD_SIZE=str(tasks), LOCAL_RANK=str(job.local_rank),

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from papertrain.cluster.job import TrainingJob
-from papertrain.cluster.profiles import ClusterProfile, slurm_minutes
+from papertrain.cluster.profiles import ClusterProfile, validate
 from papertrain.cluster.registry import JobRecord, record_jobs
 from papertrain.cluster.sweep import SweepPoint, grid
 from papertrain.errors import PapertrainError, did_you_mean
@@ -51,9 +51,9 @@ def apply_flags(profile: ClusterProfile, flags: dict[str, Any]) -> ClusterProfil
     given = {k: v for k, v in flags.items() if v is not None}
     if "sbatch" in given:
         given["sbatch"] = [*profile.sbatch, *given["sbatch"]]
-    if "time" in given:
-        slurm_minutes(given["time"])
-    return replace(profile, **given)
+    combined = replace(profile, **given)
+    validate(combined)
+    return combined
 
 
 def make_plan(target: str, overrides: list[str], sweep: list[str], profile: ClusterProfile,

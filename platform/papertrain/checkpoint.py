@@ -195,7 +195,7 @@ def save_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.O
     moments, rest = split_optimizer_state(optimizer_state)
     sharded = dist.is_initialized() and dist.get_world_size() > 1
     parts = ((MODEL_DIR, weights), (OPTIMIZER_DIR, moments))
-    group = background_group if sharded and background_group != "local" else None
+    group = background_group if sharded else None  # ("local" only ever comes without a process group)
 
     def write(parts: tuple[tuple[str, dict[str, Any]], ...]) -> None:
         with single_process_dcp():

@@ -63,8 +63,13 @@ def slurm_rendezvous(env: dict[str, str]) -> tuple[str, str]:
                                check=True).stdout.split()[0]
     except (OSError, subprocess.CalledProcessError, IndexError):
         first = nodes.split(",")[0]
-    port = 20000 + zlib.crc32(env.get("SLURM_JOB_ID", "0").encode()) % 20000
-    return first, str(port)
+    return first, str(rendezvous_port(env.get("SLURM_JOB_ID", "0")))
+
+
+def rendezvous_port(job_id: str) -> int:
+    """A port in 20000-39999 from a Slurm job id ("123", or "123_4" for an array element): the same on
+    every task of the job and after a requeue, and different for array elements sharing a node."""
+    return 20000 + zlib.crc32(job_id.encode()) % 20000
 
 
 def connect(info: ProcessInfo, device_type: str, expected_world_size: int | None = None,

@@ -177,8 +177,8 @@ def test_a_two_node_job_gives_every_task_its_rank_and_one_rendezvous(monkeypatch
     with the first node as the rendezvous and the same port on every task (one process per GPU)."""
     import submitit
 
-    from papertrain.cluster.job import export_rendezvous, rendezvous_port
-    from papertrain.distributed import process_info
+    from papertrain.cluster.job import export_rendezvous
+    from papertrain.distributed import process_info, rendezvous_port
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                 "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
