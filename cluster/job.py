@@ -71,6 +71,10 @@ class TrainingJob:
         if self._signals:  # it came while we were starting up
             self._trainer.stop.request(self._signals[0])
         result = self._trainer.run()
+        # From here on a SIGUSR2 has nothing left to stop. Ignore it rather than keep a Python handler:
+        # the interpreter resets those to the default action (terminate) as it exits, so a signal that
+        # lands during the exit of a finished job would turn a COMPLETED job into a FAILED one.
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         outcome = {"status": result.status, "step": result.step, "run_dir": self.run_dir,
                    "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}}
         if result.status == "interrupted" and self._signals and job.global_rank == 0 and callable(submitit_handler):

@@ -194,3 +194,27 @@ def test_a_two_node_job_gives_every_task_its_rank_and_one_rendezvous(monkeypatch
     assert (info.rank, info.world_size, info.local_rank, info.local_world_size) == (int(procid), 8, int(localid), 4)
     assert os.environ["MASTER_ADDR"] == "gpu-012" and os.environ["MASTER_PORT"] == str(rendezvous_port("777"))
     assert rendezvous_port("777_0") != rendezvous_port("777_1"), "array elements on one node must not collide"
+
+
+def test_a_finished_job_survives_a_late_time_limit_signal(tmp_path: Path) -> None:
+    """Slurm's SIGUSR2 can land while a job that has just finished is exiting. Python resets its own
+    handlers to 'terminate' at exit, so the job must ignore the signal once training is over (a CI run
+    caught sacct reporting such a job FAILED)."""
+    import subprocess
+    import sys
+
+    script = f"""
+import os, signal
+from papertrain.catalog import resolve_target
+from papertrain.cluster.job import TrainingJob
+job = TrainingJob(str(resolve_target("gpt")[0]), {job_overrides()!r}, {str(tmp_path / 'run')!r}, os.getcwd())
+assert job()["status"] == "completed"
+assert signal.getsignal(signal.SIGUSR2) is signal.SIG_IGN
+import atexit
+atexit.register(lambda: os.kill(os.getpid(), signal.SIGUSR2))
+"""
+    env = {**os.environ, "SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_JOB_ID": "1", "SUBMITIT_LOCAL_NTASKS": "1",
+           "SUBMITIT_LOCAL_JOB_NUM_NODES": "1", "SUBMITIT_LOCAL_NODEID": "0", "SUBMITIT_LOCAL_GLOBALID": "0",
+           "SUBMITIT_LOCAL_LOCALID": "0"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
