@@ -177,20 +177,42 @@ def join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict[str, Any])
     return {"state": state, "param_groups": rest["param_groups"]}
 
 
+def has_frozen_base(model: nn.Module) -> bool:
+    """A finetune (biases, LoRA, an int8 base): some parameters never change."""
+    return any(not p.requires_grad for p in model.parameters())
+
+
+def model_and_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
+                              ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What a checkpoint holds. A finetune keeps only what training changes: the trainable parameters
+    and the floating-point buffers (e.g. norm statistics). The frozen base is rebuilt from the config
+    (`pretrained.path`, or the seed) on resume, so a 20B-parameter finetune checkpoints megabytes, and
+    int8 layers, whose state bitsandbytes writes in its own format, never pass through the checkpoint."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, get_state_dict
+
+    if not has_frozen_base(model):
+        return get_state_dict(model, optimizer)
+    state: dict[str, Any] = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    state.update({name: b for name, b in model.named_buffers() if b.is_floating_point()})
+    return state, get_optimizer_state_dict(model, optimizer)
+
+
 def save_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                        train_state: dict[str, Any], rank: int, background_group: Any = None) -> list[Any]:
+                        train_state: dict[str, Any], rank: int, background_group: Any = None,
+                        own_optimizer: bool = False) -> list[Any]:
     """Weights, optimizer and the rest of `train_state` into `folder` (call on every rank).
 
     With `background_group` (a process group of its own), the tensors are copied aside and written by a
     background thread: training goes on, and the returned futures say when the files are complete.
     One thread writes both parts, one after the other: two concurrent DCP saves would interleave their
     collectives on the one group in a different order on each rank, and deadlock.
+    `own_optimizer`: each rank steps different parameters (a pipeline's stages), so each also keeps its
+    own optimizer settings (param groups, step counts) beside rank 0's file.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_state, optimizer_state = get_state_dict(model, optimizer)
+    model_state, optimizer_state = model_and_optimizer_state(model, optimizer)
     weights, aliases = split_aliases(model_state)
     moments, rest = split_optimizer_state(optimizer_state)
     sharded = dist.is_initialized() and dist.get_world_size() > 1
@@ -211,16 +233,18 @@ def save_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.O
         pending.append(_background_writer().submit(write, staged))
     if rank == 0:
         torch.save({**train_state, "optimizer": rest, "aliases": aliases}, folder / STATE_FILE)
+    if own_optimizer and rank > 0:
+        torch.save({"optimizer": rest, "aliases": aliases}, folder / f"rank{rank}_{STATE_FILE}")
     save_rng(folder, rank)
     return pending
 
 
-def load_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int
-                        ) -> dict[str, Any]:
+def load_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int,
+                        own_optimizer: bool = False) -> dict[str, Any]:
     """Fill model and optimizer from `folder`, whatever world size wrote it; return the rest."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageReader
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     written_by = read_meta(folder).get("format", FORMAT)
     if written_by != FORMAT:
@@ -229,7 +253,9 @@ def load_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.O
                               f"resume with strategy={read_meta(folder).get('strategy')}, or "
                               "`papertrain export` the run to safetensors and start from the weights")
     state = load_train_state(folder)
-    model_state, optimizer_state = get_state_dict(model, optimizer)  # targets, sharded like this run
+    if own_optimizer and rank > 0:
+        state.update(torch.load(folder / f"rank{rank}_{STATE_FILE}", map_location="cpu", weights_only=True))
+    model_state, optimizer_state = model_and_optimizer_state(model, optimizer)  # targets, sharded like this run
     weights, _ = split_aliases(model_state)
     moments, _ = split_optimizer_state(optimizer_state)
     from torch.distributed.checkpoint.api import CheckpointException
@@ -245,7 +271,8 @@ def load_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.O
     for alias, original in state["aliases"].items():
         weights[alias] = weights[original]
     set_state_dict(model, optimizer, model_state_dict=weights,
-                   optim_state_dict=join_optimizer_state(moments, state["optimizer"]))
+                   optim_state_dict=join_optimizer_state(moments, state["optimizer"]),
+                   options=StateDictOptions(strict=not has_frozen_base(model)))
     load_rng(folder, rank)
     return state
 

@@ -114,6 +114,23 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpu-mem", default="80GB", help="memory per GPU, e.g. 48GB, 80GiB")
     plan.set_defaults(handler=cmd_plan)
 
+    generate = commands.add_parser(
+        "generate", help="stream text from a trained run or a pretrained model",
+        description="Continue --prompt with TARGET's model, printing tokens as they are drawn. TARGET is a run "
+                    "directory (its latest checkpoint and tokenizer) or a recipe/config with pretrained weights "
+                    "(e.g. neox:20b pretrained.path=/models/gpt-neox-20b). Models with a key/value cache decode "
+                    "each token in O(context).")
+    _add_target(generate)
+    generate.add_argument("--prompt", default="\n", help="the text to continue (default: a newline)")
+    generate.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most")
+    generate.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    generate.add_argument("--top-k", type=int, help="keep the k most likely tokens")
+    generate.add_argument("--top-p", type=float, help="nucleus sampling: keep the most likely tokens with mass p")
+    generate.add_argument("--seed", type=int, default=0, help="seed of the sampler")
+    generate.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    generate.add_argument("--step", type=int, help="a run directory's checkpoint (default: the latest)")
+    generate.set_defaults(handler=cmd_generate)
+
     cp = commands.add_parser("cp", help="copy a recipe's config to a file you can edit",
                              description="Copy RECIPE's config to DEST; then `papertrain run DEST`.")
     cp.add_argument("recipe", help="recipe name, optionally NAME:CONFIG")
@@ -257,6 +274,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise PapertrainError(f"--gpus must be at least 1, got {args.gpus}")
     config, _ = _load(args)
     print(render(config, args.gpus, parse_bytes(args.gpu_mem)))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from papertrain.generation import generate_text, load_for_generation
+
+    if args.max_new_tokens < 1:
+        raise PapertrainError(f"--max-new-tokens {args.max_new_tokens}", "give a positive number of tokens")
+    generator = load_for_generation(args.target, args.overrides, args.device, args.step)
+    print(f"[{generator.source} on {generator.device}]", file=sys.stderr)
+    figures = generate_text(generator, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                            args.seed)
+    print(f"[{figures['tokens']} tokens in {figures['seconds']:.2f}s, {figures['tokens_per_s']:.1f} tokens/s after "
+          "the first]", file=sys.stderr)
     return 0
 
 

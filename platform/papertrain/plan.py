@@ -50,6 +50,8 @@ class ModelFacts:
     vectors: int  # parameters in 1-D tensors: biases and norm gains (what "train biases only" trains)
     tensors: int  # parameter tensors (Adam keeps one step counter per tensor)
     largest_block: int  # parameters of the biggest repeated block (gathered whole under ZeRO-3)
+    linear_weights: int  # weights of the blocks' Linear layers (what int8 quantisation converts)
+    linear_rows: int  # their output rows (one fp32 scale each under LLM.int8())
     layers: int | None
     width: int | None
     context: int | None
@@ -62,7 +64,9 @@ def model_facts(config: LoadedConfig) -> ModelFacts:
         model = instantiate(config.run.model)
     unique = {id(p): p for p in model.parameters()}
     blocks = blocks_of(model)
+    linears = [m for b in blocks for m in b.modules() if isinstance(m, torch.nn.Linear)]
     return ModelFacts(
+        linear_weights=sum(m.weight.numel() for m in linears), linear_rows=sum(m.out_features for m in linears),
         parameters=sum(p.numel() for p in unique.values()), tensors=len(unique),
         vectors=sum(p.numel() for p in unique.values() if p.dim() < 2),
         largest_block=max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0),
@@ -136,12 +140,15 @@ def training_estimates(config: LoadedConfig, facts: ModelFacts, gpus: int) -> li
 
 
 def generation_estimates(facts: ModelFacts, batch: int = 1, context: int | None = None) -> list[Estimate]:
+    """fp16 weights, or LLM.int8(): the blocks' Linear weights at 1 byte plus an fp32 scale per row, the
+    rest (embeddings, output head, biases, norms) kept in fp16; plus the KV cache in fp16."""
     context = context or facts.context or 0
     cache = 2 * (facts.layers or 0) * (facts.width or 0) * context * batch * 2  # K and V, fp16
     psi = facts.parameters
+    int8 = facts.linear_weights + 4 * facts.linear_rows + 2 * (psi - facts.linear_weights)
     return [Estimate("generate fp16", 2 * psi, 0, 0, cache, f"weights + KV cache ({context} tokens x {batch})"),
-            Estimate("generate int8", 1.0 * psi + 4 * psi / max(facts.width or 1, 1), 0, 0, cache,
-                     "LLM.int8(): 1 byte/weight + one fp32 scale per row (outlier columns extra)")]
+            Estimate("generate int8", int8, 0, 0, cache,
+                     "LLM.int8() blocks: 1 byte/weight + an fp32 scale per row; embeddings fp16")]
 
 
 def human(size: float) -> str:

@@ -33,6 +33,7 @@ from papertrain.checkpoint import CheckpointDir
 from papertrain.config import LoadedConfig, dump_yaml, instantiate
 from papertrain.data.sampler import EpochSampler, evaluation_indices, shard
 from papertrain.errors import PapertrainError
+from papertrain.modelbuild import model_builder
 from papertrain.metrics import MetricsLog, Progress, last_values, plot_curves, read_metrics, truncate_metrics
 from papertrain.distributed import disconnect
 from papertrain.rundir import RunDirLock, check_resumable
@@ -54,15 +55,15 @@ class RunResult:
 def weight_decay_groups(model: nn.Module) -> list[dict[str, Any]]:
     """Decay matrices and embeddings only; biases and norm gains get none (GPT-1 §4.1, and common practice).
 
-    The optimizer's own `weight_decay` applies to the first group; the second overrides it with 0.
+    The optimizer's own `weight_decay` applies to the matrices; the vectors' group overrides it with 0.
     """
     def decays(p: torch.Tensor) -> bool:  # a flattened shard says which kind it holds (zero3_reference)
         return getattr(p, "apply_weight_decay", p.dim() >= 2)
 
     decay = [p for p in model.parameters() if p.requires_grad and decays(p)]
     no_decay = [p for p in model.parameters() if p.requires_grad and not decays(p)]
-    groups: list[dict[str, Any]] = [{"params": decay}]
-    if no_decay:
+    groups: list[dict[str, Any]] = [{"params": decay}] if decay or not no_decay else []
+    if no_decay:  # (an empty group would not survive a checkpoint: DCP names groups by their parameters)
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
 
@@ -168,7 +169,8 @@ class Trainer:
 
         self.data = instantiate(self.cfg.data)
         self.model, self.optimizer = strategy.prepare(
-            lambda: instantiate(self.cfg.model),
+            model_builder(self.cfg, strategy.device, strategy.name, strategy.precision,
+                          prune=getattr(strategy, "prune", None)),
             lambda m: instantiate(self.cfg.optimizer, params=weight_decay_groups(m)))
         self.raw_model = strategy.unwrap(self.model)  # the module itself: evaluation, samples, task.prepare
         # the model was built from the same seed on every rank; from here on each rank draws its own
@@ -194,7 +196,7 @@ class Trainer:
 
         self.train_sampler = EpochSampler(len(self.data.train), tc.batch_size, seed=self.cfg.seed)
         n_eval = tc.eval_batches * tc.batch_size
-        n_eval -= min(n_eval, len(self.data.val)) % strategy.world_size  # equal shares for every rank
+        n_eval -= min(n_eval, len(self.data.val)) % strategy.data_world_size  # equal shares for every rank
         self.eval_indices = evaluation_indices(len(self.data.val), n_eval)
 
         self._resume()
@@ -206,7 +208,7 @@ class Trainer:
                 (self.run_dir / "tokenizer.json").write_text(json.dumps(tokenizer.to_json()))
 
     def _check_batch_size(self) -> None:
-        tc, world = self.tc, self.strategy.world_size
+        tc, world = self.tc, self.strategy.data_world_size
         per_step = world * tc.grad_accum_steps
         if tc.batch_size % per_step:
             raise PapertrainError(
@@ -285,9 +287,16 @@ class Trainer:
         if not self.strategy.is_main:
             return
         n_params = sum(p.numel() for p in self.raw_model.parameters())
+        n_trainable = sum(p.numel() for p in self.raw_model.parameters() if p.requires_grad)
+        frozen = (f" ({n_trainable:,} trainable, {100 * n_trainable / max(n_params, 1):.2f}%)"
+                  if n_trainable < n_params else "")
+        sources = [f"weights from {self.cfg.pretrained.path}"] if self.cfg.pretrained else []
+        sources += [f"int8 ({self.cfg.quant.backend})"] if self.cfg.quant else []
         describe = getattr(self.data, "describe", None)
         lines = [f"run dir: {self.run_dir}",
-                 f"model:   {type(self.raw_model).__name__}, {n_params / 1e6:.2f}M parameters",
+                 f"model:   {getattr(self.raw_model, 'display_name', type(self.raw_model).__name__)}, "
+                 f"{n_params / 1e6:.2f}M parameters{frozen}"
+                 + (f"; {', '.join(sources)}" if sources else ""),
                  f"data:    {describe() if describe else type(self.data).__name__}",
                  f"device:  {self.strategy.describe()}, global batch {self.tc.batch_size}"]
         if self.step:
@@ -352,22 +361,25 @@ class Trainer:
         tc, strategy = self.tc, self.strategy
         indices = self.train_sampler.indices(self.step)
         self.model.train()
-        micro_batches = [to_device(self.data.train.batch(shard(indices, strategy.rank, strategy.world_size,
+        micro_batches = [to_device(self.data.train.batch(shard(indices, strategy.data_rank, strategy.data_world_size,
                                                                  tc.grad_accum_steps, micro)), self.device)
                          for micro in range(tc.grad_accum_steps)]
         local_units = [self.task.count(batch) for batch in micro_batches]
         step_units = max(1.0, strategy.sum_across_ranks({"units": float(sum(local_units))})["units"])
-        total = torch.zeros((), device=self.device)
-        parts_total: dict[str, torch.Tensor] = {}
-        for micro, batch in enumerate(micro_batches):
-            weight = local_units[micro] * strategy.world_size / step_units
-            with strategy.micro_step_context(self.model, micro == tc.grad_accum_steps - 1):
-                with strategy.autocast():
-                    loss, parts = self.task.loss(self.model, batch)
-                strategy.backward(loss * weight)
-            total += loss.detach().float() * weight
-            for k, v in parts.items():
-                parts_total[k] = parts_total.get(k, 0) + v.detach().float() * weight
+        weights = [units * strategy.data_world_size / step_units for units in local_units]
+        if hasattr(strategy, "forward_backward"):  # a pipeline schedules the micro-batches across its stages
+            total, parts_total = strategy.forward_backward(self.model, self.task, micro_batches, weights)
+        else:
+            total = torch.zeros((), device=self.device)
+            parts_total: dict[str, torch.Tensor] = {}
+            for micro, (batch, weight) in enumerate(zip(micro_batches, weights)):
+                with strategy.micro_step_context(self.model, micro == tc.grad_accum_steps - 1):
+                    with strategy.autocast():
+                        loss, parts = self.task.loss(self.model, batch)
+                    strategy.backward(loss * weight)
+                total += loss.detach().float() * weight
+                for k, v in parts.items():
+                    parts_total[k] = parts_total.get(k, 0) + v.detach().float() * weight
         grad_norm = strategy.clip_and_step(self.model, self.optimizer, tc.grad_clip)
         if self.step == 0:  # model-state bytes per rank, once gradients and optimizer state exist
             memory = strategy.memory_by_kind(self.model, self.optimizer)
@@ -398,7 +410,7 @@ class Trainer:
         with torch.no_grad():
             for start in range(0, len(self.eval_indices), batch_size):
                 chunk = self.eval_indices[start:start + batch_size]
-                local = shard(chunk, strategy.rank, strategy.world_size, 1, 0)
+                local = shard(chunk, strategy.data_rank, strategy.data_world_size, 1, 0)
                 batch = to_device(self.data.val.batch(local), self.device)
                 with strategy.autocast():
                     values = self.task.evaluate(self.raw_model, batch)

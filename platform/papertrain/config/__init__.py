@@ -21,7 +21,7 @@ from papertrain.config.validate import Validator
 from papertrain.config.yamlfile import Origins, dump_yaml, load_yaml
 from papertrain.errors import ConfigError
 
-NAMED_SECTIONS = ("strategy",)
+NAMED_SECTIONS = {"strategy": "name", "quant": "mode", "finetune": "train"}
 
 __all__ = [
     "COMPONENT_KEY", "LoadedConfig", "RunConfig", "StrategyConfig", "TrainerConfig", "dump_yaml", "instantiate",
@@ -42,9 +42,9 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> LoadedConfig
     path = Path(path)
     tree, origins = load_yaml(path)
     issues = apply_overrides(tree, origins, list(overrides))
-    for section in NAMED_SECTIONS:  # `strategy: fsdp2` is short for `strategy: {name: fsdp2}`
+    for section, key in NAMED_SECTIONS.items():  # `strategy: fsdp2` is short for `strategy: {name: fsdp2}`
         if isinstance(tree.get(section), str):
-            tree[section] = {"name": tree[section]}
+            tree[section] = {key: tree[section]}
     unresolved = resolve_references(tree, origins)
     validator = Validator(origins, default_where=str(path))
     validator.check(tree, RunConfig, "")

@@ -54,7 +54,9 @@ def _set(tree: dict[str, Any], key: str, value: Any) -> str | None:
         if node.get(part) is None:
             node[part] = {}
         elif isinstance(node[part], str):  # a section given by name: `strategy=deepspeed strategy.stage=2`
-            node[part] = {"name": node[part]}
+            from papertrain.config import NAMED_SECTIONS
+
+            node[part] = {NAMED_SECTIONS.get(part, "name"): node[part]}
         node = node[part]
         if not isinstance(node, dict):
             return f"cannot set a key inside {'.'.join(walked)}, which is a {type(node).__name__}, not a section"

@@ -8,6 +8,7 @@ class with `_component_` and are checked against that class's signature; `traine
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
@@ -50,8 +51,9 @@ class TrainerConfig:
 class StrategyConfig:
     """How the loop runs on one process or many. `strategy: fsdp2` is short for `strategy: {name: fsdp2}`."""
 
-    name: Literal["single", "ddp", "fsdp2", "deepspeed", "zero3_reference"] = _help(
-        "single, ddp, fsdp2, deepspeed or zero3_reference", default="single")
+    name: Literal["single", "ddp", "fsdp2", "deepspeed", "zero3_reference", "pipeline"] = _help(
+        "single, ddp, fsdp2, deepspeed, zero3_reference or pipeline (layers split into one stage per rank; "
+        "trainer.grad_accum_steps micro-batches)", default="single")
     stage: Literal[1, 2, 3] = _help("DeepSpeed ZeRO stage: 1 optimizer state, 2 + gradients, 3 + parameters",
                                     default=3)
     offload_optimizer: bool = _help("keep optimizer state in CPU memory (deepspeed; fsdp2 offloads all state)",
@@ -71,6 +73,42 @@ class StrategyConfig:
                                    default=None)
 
 
+@dataclass
+class PretrainedConfig:
+    """Start from saved weights instead of random initialisation (finetuning, generation)."""
+
+    path: str = _help("a Hugging Face model folder (config.json + model.safetensors or shards with "
+                      "model.safetensors.index.json), or one .safetensors file as `papertrain export` writes")
+    dtype: Literal["fp32", "fp16", "bf16"] = _help(
+        "the dtype the weights are held in; fp16/bf16 halve the memory of a frozen base", default="fp32")
+
+
+@dataclass
+class QuantConfig:
+    """Convert Linear layers to int8 as the weights load. `quant: int8` is short for `quant: {mode: int8}`."""
+
+    mode: Literal["int8"] = _help("int8: LLM.int8() (Dettmers et al. 2022), vector-wise absmax int8 weights "
+                                  "with fp16 outlier features", default="int8")
+    backend: Literal["own", "bitsandbytes"] = _help(
+        "own: papertrain's annotated implementation (recipes/quantization/llm_int8); bitsandbytes: its "
+        "Linear8bitLt", default="own")
+    threshold: float = _help("outlier threshold: input features with any |x| >= this stay in 16 bits (§3.3)",
+                             default=6.0)
+    skip: list[str] = _help("Linear layers kept as they are (name suffixes), e.g. the output projection",
+                            default_factory=lambda: ["lm_head", "embed_out"])
+
+
+@dataclass
+class FinetuneConfig:
+    """Which parameters train; the rest are frozen (no gradients, no optimizer state)."""
+
+    train: Literal["all", "biases", "lora"] = _help(
+        "all; biases: only biases and norm gains (1-D parameters); lora: only LoRA adapters (section lora)",
+        default="all")
+    lora: dict | None = _help("LoRA settings when train=lora: r, alpha, targets, dropout, train_biases",
+                              default=None)
+
+
 ModelSection = Annotated[dict, Component()]
 OptimizerSection = Annotated[dict, Component(supplied=("params",))]
 SchedulerSection = Annotated[dict | None, Component(supplied=("optimizer",))]
@@ -88,6 +126,10 @@ class RunConfig:
     strategy: StrategyConfig = _help("single process, or ddp / fsdp2 / deepspeed across many",
                                      default_factory=StrategyConfig)
     scheduler: SchedulerSection = _help("learning-rate schedule (the optimizer is supplied)", default=None)
+    pretrained: PretrainedConfig | None = _help("load these weights into the model before training",
+                                                default=None)
+    quant: QuantConfig | None = _help("int8 weights for the model's Linear layers (frozen)", default=None)
+    finetune: FinetuneConfig | None = _help("train only part of the model (biases, LoRA adapters)", default=None)
     name: str | None = _help("the recipe's name; also the default run directory runs/<name>", default=None)
     seed: int = _help("seeds python, numpy and torch; data order derives from it", default=0)
     run_dir: str | None = _help("where metrics, checkpoints and samples go (default runs/<name>)",
@@ -103,6 +145,8 @@ def build_dataclass(cls: type, values: dict[str, Any]) -> Any:
             continue
         value = values[f.name]
         kind = hints[f.name]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # `Section | None`
+            kind = next((k for k in typing.get_args(kind) if dataclasses.is_dataclass(k)), kind)
         if dataclasses.is_dataclass(kind) and isinstance(value, dict):
             value = build_dataclass(kind, value)
         kwargs[f.name] = value

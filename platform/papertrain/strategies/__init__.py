@@ -5,6 +5,7 @@
     fsdp2             PyTorch's fully sharded data parallel (ZeRO-3 style), DCP checkpoints
     deepspeed         DeepSpeed ZeRO stage 1, 2 or 3 (strategy.stage), optional CPU offload
     zero3_reference   ZeRO-3 written from torch.distributed primitives (recipes/scaling/zero3)
+    pipeline          GPipe: the model's layers split into one stage per rank, micro-batches flowing through
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ STRATEGIES = {
     "fsdp2": "papertrain.strategies.fsdp2.FSDP2",
     "deepspeed": "papertrain.strategies.deepspeed_zero.DeepSpeed",
     "zero3_reference": "papertrain.recipes.scaling.zero3.strategy.Zero3Reference",
+    "pipeline": "papertrain.strategies.pipeline.Pipeline",
 }
 
 

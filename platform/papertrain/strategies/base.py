@@ -122,6 +122,15 @@ class Strategy:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def data_rank(self) -> int:
+        """Which share of each batch this rank reads (a pipeline's stages all read the same batch)."""
+        return self.rank
+
+    @property
+    def data_world_size(self) -> int:
+        return self.world_size
+
     # -- building -------------------------------------------------------------------------------------
     @property
     def activation_checkpointing(self) -> bool:

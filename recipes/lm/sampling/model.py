@@ -22,11 +22,14 @@ Three ways to cut the tail, applied to the logits z before the softmax (in this 
 
   so the candidate set grows and shrinks with the model's confidence.
 
-`Sampler` combines them; `generate` runs the loop for any model that maps [B, T] ids to [B, T, V] logits.
+`Sampler` combines them; `generate` runs the loop for any model that maps [B, T] ids to [B, T, V] logits,
+and `stream` yields one prompt's continuation token by token, with a key/value cache where the model has one
+(`papertrain generate`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -118,3 +121,39 @@ def generate(model: nn.Module, prompt: torch.Tensor, max_new_tokens: int, sample
         logits = model(window)[:, -1]  # [B, V]: the distribution of the next token
         ids = torch.cat([ids, sampler(logits, generator)[:, None]], dim=1)
     return ids
+
+
+@torch.no_grad()
+def stream(model: nn.Module, prompt: torch.Tensor, max_new_tokens: int, sampler: Sampler,
+           generator: torch.Generator | None = None, stop_ids: Iterable[int] = ()) -> Iterator[int]:
+    """Yield the continuation of one prompt [1, T] token by token, as soon as each is drawn.
+
+    A model with `new_cache(batch, max_len)` is run with a key/value cache: the prompt once, then one new
+    token per step, each attending to the cached keys and values of everything before it (O(T) work
+    per token instead of recomputing the whole window, O(T²)). Other models are re-run on their last
+    `block_size` tokens each step. Stops early at any of `stop_ids` (not yielded).
+    """
+    stops = set(stop_ids)
+    block = getattr(model, "block_size", None)
+    if hasattr(model, "new_cache"):
+        room = prompt.shape[1] + max_new_tokens
+        if block is not None and room > block:
+            raise ValueError(f"prompt ({prompt.shape[1]} tokens) + {max_new_tokens} new tokens exceed the model's "
+                             f"context of {block}")
+        cache = model.new_cache(prompt.shape[0], room, device=prompt.device)
+        logits = model(prompt, cache)[:, -1]
+        for _ in range(max_new_tokens):
+            token = sampler(logits.float(), generator)  # [1]
+            if int(token) in stops:
+                return
+            yield int(token)
+            logits = model(token[:, None], cache)[:, -1]
+        return
+    ids = prompt
+    for _ in range(max_new_tokens):
+        window = ids if block is None else ids[:, -block:]
+        token = sampler(model(window)[:, -1].float(), generator)
+        if int(token) in stops:
+            return
+        yield int(token)
+        ids = torch.cat([ids, token[:, None]], dim=1)

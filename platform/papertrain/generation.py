@@ -1,0 +1,129 @@
+"""`papertrain generate`: a model, a tokenizer and a prompt -> streamed text.
+
+The target is a run directory (its config.yaml, its latest checkpoint and tokenizer.json), or a recipe /
+config whose model is complete without training (`pretrained` weights, e.g. neox:20b). The model is built
+exactly as for training (pretrained weights, int8, LoRA), on the chosen device and dtype, and the tokens
+are printed as they are drawn. Models with a key/value cache (`new_cache`) decode in O(T) per token.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import torch
+from torch import nn
+
+from papertrain.config import LoadedConfig, instantiate, load_config
+from papertrain.errors import PapertrainError
+
+
+@dataclass
+class Generator:
+    model: nn.Module
+    tokenizer: object
+    device: torch.device
+    source: str
+
+
+def load_for_generation(target: str, overrides: list[str], device: str = "auto", step: int | None = None
+                        ) -> Generator:
+    from papertrain.data.tokenizers import tokenizer_from_json
+    from papertrain.modelbuild import model_builder
+    from papertrain.strategies.base import pick_device
+
+    run_dir = Path(target)
+    chosen = pick_device(device)
+    if (run_dir / "config.yaml").is_file():
+        config = load_config(run_dir / "config.yaml", overrides)
+        model = model_builder(config.run, chosen, "single", "fp32", training=False)()
+        _load_checkpoint(model, run_dir, step)
+        tokenizer_file = run_dir / "tokenizer.json"
+        tokenizer = (tokenizer_from_json(json.loads(tokenizer_file.read_text())) if tokenizer_file.is_file()
+                     else _tokenizer_of(config))
+        source = f"{run_dir} (step {_step_of(run_dir, step)})"
+    else:
+        from papertrain.catalog import resolve_target
+
+        path, _ = resolve_target(target)
+        config = load_config(path, overrides)
+        if config.run.pretrained is None:
+            raise PapertrainError(f"{target}: its model has no pretrained weights, so it would generate from "
+                                  "random initialisation", f"train it first (papertrain run {target}) and pass the "
+                                  "run directory, or set pretrained.path=...")
+        model = model_builder(config.run, chosen, "single", "fp32", training=False)()
+        tokenizer = _tokenizer_of(config)
+        source = f"{config.source} with weights from {config.run.pretrained.path}"
+    return Generator(model.to(chosen).eval(), tokenizer, chosen, source)
+
+
+def _tokenizer_of(config: LoadedConfig):
+    data = config.run.data
+    if isinstance(data, dict) and data.get("tokenizer") not in (None, "char"):
+        from papertrain.data.tokenizers import build_tokenizer
+
+        return build_tokenizer(data["tokenizer"], path=data.get("tokenizer_path"))
+    built = instantiate(data)  # a character vocabulary is read from the corpus itself
+    tokenizer = getattr(built, "tokenizer", None)
+    if tokenizer is None:
+        raise PapertrainError(f"{config.source}: the data section has no tokenizer to encode the prompt with",
+                              "generate from a language-model recipe")
+    return tokenizer
+
+
+def _step_of(run_dir: Path, step: int | None) -> str:
+    from papertrain.export import find_checkpoint
+
+    return find_checkpoint(run_dir, step).name.split("_")[-1].lstrip("0") or "0"
+
+
+def _load_checkpoint(model: nn.Module, run_dir: Path, step: int | None) -> None:
+    """The checkpoint's weights into the freshly built model (a finetune's checkpoint holds only what
+    training changed; the frozen base came from the config)."""
+    from papertrain.checkpoint import has_frozen_base
+    from papertrain.export import find_checkpoint, full_weights
+
+    weights = full_weights(find_checkpoint(run_dir, step))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or (missing and not has_frozen_base(model)):
+        raise PapertrainError(f"{run_dir}'s checkpoint does not fit the model its config builds "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})",
+                              "generate with the config the run was trained with")
+
+
+def generate_text(generator: Generator, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
+                  top_p: float | None, seed: int, out: TextIO = sys.stdout) -> dict[str, float]:
+    """Print the prompt, then each new token's text as soon as it is drawn; return timing figures."""
+    from papertrain.recipes.lm.sampling.model import Sampler, stream
+
+    tokenizer = generator.tokenizer
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise PapertrainError("the prompt encodes to no tokens", "give a non-empty --prompt")
+    sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p)
+    rng = torch.Generator(device=generator.device).manual_seed(seed)
+    prompt_ids = torch.tensor([ids], device=generator.device)
+    stop = [tokenizer.eot_id] if getattr(tokenizer, "eot_id", None) is not None else []
+    out.write(prompt)
+    out.flush()
+    produced: list[int] = []
+    shown = ""
+    started = time.perf_counter()
+    first = None
+    for token in stream(generator.model, prompt_ids, max_new_tokens, sampler, rng, stop):
+        first = first or time.perf_counter()
+        produced.append(token)
+        text = tokenizer.decode(produced)  # decode the whole continuation: a character may span tokens
+        if not text.endswith("\ufffd"):
+            out.write(text[len(shown):])
+            out.flush()
+            shown = text
+    out.write(tokenizer.decode(produced)[len(shown):] + "\n")
+    elapsed = time.perf_counter() - started
+    after_first = time.perf_counter() - (first or started)
+    return {"tokens": len(produced), "seconds": elapsed,
+            "tokens_per_s": (len(produced) - 1) / after_first if len(produced) > 1 and after_first > 0 else 0.0}
