@@ -287,6 +287,7 @@ class Trainer:
         if not self.strategy.is_main:
             return
         n_params = sum(p.numel() for p in self.raw_model.parameters())
+        n_params += sum(b.numel() for b in self.raw_model.buffers() if b.dtype == torch.int8)  # int8 weights
         n_trainable = sum(p.numel() for p in self.raw_model.parameters() if p.requires_grad)
         frozen = (f" ({n_trainable:,} trainable, {100 * n_trainable / max(n_params, 1):.2f}%)"
                   if n_trainable < n_params else "")
