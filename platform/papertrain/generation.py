@@ -96,8 +96,9 @@ def _load_checkpoint(model: nn.Module, run_dir: Path, step: int | None) -> None:
 
 
 def generate_text(generator: Generator, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
-                  top_p: float | None, seed: int, out: TextIO = sys.stdout) -> dict[str, float]:
+                  top_p: float | None, seed: int, out: TextIO | None = None) -> dict[str, float]:
     """Print the prompt, then each new token's text as soon as it is drawn; return timing figures."""
+    out = out or sys.stdout  # (looked up now: the default stream may have been replaced since import)
     from papertrain.recipes.lm.sampling.model import Sampler, stream
 
     tokenizer = generator.tokenizer
