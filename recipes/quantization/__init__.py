@@ -1,0 +1,1 @@
+"""Making trained models smaller and cheaper to run: fewer bits per weight (LLM.int8(), ...)."""
