@@ -34,3 +34,33 @@ def _offline_and_isolated(tmp_path_factory: pytest.TempPathFactory, monkeypatch:
 
 def gpt_config_path() -> Path:
     return RECIPES / "transformers" / "gpt" / "tiny.yaml"
+
+
+def learns(config, run_dir: Path) -> tuple[float, float]:
+    """(validation loss before training on 64 windows, validation loss after `config`'s run): what a
+    recipe's learning test compares, the first against chance and the second against a threshold."""
+    from papertrain.config import instantiate
+    from papertrain.recipes.transformers.gpt.task import LanguageModelTask
+    from papertrain.trainer import Trainer
+
+    data = instantiate(config.run.data)
+    with torch.no_grad():
+        untrained = LanguageModelTask().evaluate(instantiate(config.run.model).eval(), data.val.batch(torch.arange(64)))
+    result = Trainer(config, run_dir).run()
+    print(f"{result.step} steps: val/loss {result.metrics['val/loss']:.3f} (untrained {untrained['loss']:.3f})")
+    return untrained["loss"], result.metrics["val/loss"]
+
+
+def run_shipped(recipe: str, run_dir: Path) -> dict:
+    """`papertrain run RECIPE` exactly as shipped, in a subprocess; its summary.json."""
+    import json
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "papertrain", "run", recipe, "trainer.progress=plain",
+                             "--run-dir", str(run_dir)], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    print(f"tiny {recipe}: val/loss {summary['val/loss']:.4f} in {summary['wall_s']:.0f} s")
+    return summary

@@ -36,10 +36,13 @@ def load_for_generation(target: str, overrides: list[str], device: str = "auto",
     from papertrain.modelbuild import model_builder
     from papertrain.strategies.base import pick_device
 
+    from papertrain.seeding import seed_everything
+
     run_dir = Path(target)
     chosen = pick_device(device)
     if (run_dir / "config.yaml").is_file():
         config = load_config(run_dir / "config.yaml", overrides)
+        seed_everything(config.run.seed)  # a frozen random base (no pretrained weights) is rebuilt from the seed
         model = model_builder(config.run, chosen, "single", "fp32", training=False)()
         _load_checkpoint(model, run_dir, step)
         tokenizer_file = run_dir / "tokenizer.json"
@@ -51,6 +54,7 @@ def load_for_generation(target: str, overrides: list[str], device: str = "auto",
 
         path, _ = resolve_target(target)
         config = load_config(path, overrides)
+        seed_everything(config.run.seed)
         if config.run.pretrained is None:
             raise PapertrainError(f"{target}: its model has no pretrained weights, so it would generate from "
                                   "random initialisation", f"train it first (papertrain run {target}) and pass the "

@@ -13,6 +13,7 @@ holds the frozen base and only the adapters' gradients are averaged).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,7 +33,7 @@ def check_combination(run: RunConfig, strategy_name: str, precision: str, traini
     train = run.finetune.train if run.finetune else "all"
     if train == "lora" and not (run.finetune and run.finetune.lora):
         raise PapertrainError("finetune.train=lora needs a finetune.lora section",
-                              "add finetune.lora: {r: 8, alpha: 16, targets: [query_key_value, dense]}")
+                              "add finetune.lora: {targets: [query_key_value, dense], r: 8, alpha: 16}")
     if not training:
         return
     if run.quant is not None:
@@ -79,8 +80,7 @@ def freeze(model: nn.Module, finetune: FinetuneConfig | None) -> None:
     elif train == "lora":
         from papertrain.recipes.finetune.lora.model import apply_lora
 
-        settings = dict(finetune.lora or {})
-        apply_lora(model, **settings)
+        apply_lora(model, **dataclasses.asdict(finetune.lora))
     if train != "all":
         for parameter in model.parameters():  # trainable parameters are kept (and updated) in fp32
             if parameter.requires_grad and parameter.dtype != torch.float32:

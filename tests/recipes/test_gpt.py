@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import SMALL_GPT, gpt_config_path
-from papertrain.config import instantiate, load_config
+from conftest import SMALL_GPT, gpt_config_path, learns, run_shipped
+from papertrain.config import load_config
 from papertrain.recipes.transformers.gpt.hf import from_hf_state_dict, save_hf_directory, to_hf_state_dict
 from papertrain.recipes.transformers.gpt.model import GPT
-from papertrain.recipes.transformers.gpt.task import LanguageModelTask
-from papertrain.trainer import Trainer
 
 transformers = pytest.importorskip("transformers")
 
@@ -78,23 +72,14 @@ def test_math_and_sdpa_attention_compute_the_same_model() -> None:
 def test_gpt_learns_shakespeare_in_seconds(tmp_path: Path) -> None:
     config = load_config(gpt_config_path(), [*SMALL_GPT, "trainer.max_steps=300", "trainer.batch_size=16",
                                               "trainer.eval_batches=8"])
-    data = instantiate(config.run.data)
-    untrained = LanguageModelTask().evaluate(instantiate(config.run.model).eval(), data.val.batch(torch.arange(64)))
-    assert untrained["loss"] > 0.95 * math.log(65)  # about uniform over 65 characters
-    result = Trainer(config, tmp_path / "run").run()
-    print(f"300 steps: val/loss {result.metrics['val/loss']:.3f} (untrained {untrained['loss']:.3f})")
-    assert result.metrics["val/loss"] < 2.8
+    untrained, trained = learns(config, tmp_path / "run")
+    assert untrained > 0.95 * math.log(65)  # about uniform over 65 characters
+    assert trained < 2.8
 
 
 @pytest.mark.slow
 def test_the_tiny_config_reaches_its_goal(tmp_path: Path) -> None:
     """`papertrain run gpt` exactly as shipped: validation loss <= 2.0 nats/char, and a text sample."""
-    result = subprocess.run([sys.executable, "-m", "papertrain", "run", "gpt", "trainer.progress=plain",
-                             "--run-dir", str(tmp_path / "gpt")], capture_output=True, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert result.returncode == 0, result.stderr[-2000:]
-    summary = json.loads((tmp_path / "gpt/summary.json").read_text())
-    print(f"tiny GPT: val/loss {summary['val/loss']:.4f} in {summary['wall_s']:.0f} s")
-    assert summary["val/loss"] <= 2.0
+    assert run_shipped("gpt", tmp_path / "gpt")["val/loss"] <= 2.0
     sample = (tmp_path / "gpt/samples/step_00000800.txt").read_text()
     assert len(sample) > 400 and sample.count("\n") > 5

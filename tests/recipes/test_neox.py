@@ -245,6 +245,9 @@ def test_generate_streams_from_a_run_directory(tmp_path: Path, capsys: pytest.Ca
     assert "random initialisation" in capsys.readouterr().err
 
 
+LORA = ["finetune=lora", "finetune.lora.targets=[query_key_value, dense]", "finetune.lora.r=4"]
+
+
 def finetune_rank(run_dir: str, folder: str, overrides: list[str]) -> None:
     finetune(Path(run_dir), Path(folder), *overrides)
 
@@ -252,15 +255,19 @@ def finetune_rank(run_dir: str, folder: str, overrides: list[str]) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", [["strategy=ddp", "quant=int8"], ["strategy=fsdp2"],
                                       ["strategy=deepspeed", "strategy.stage=3"],
-                                      ["strategy=pipeline", "quant=int8", "trainer.grad_accum_steps=2"]],
-                         ids=["ddp-int8", "fsdp2", "zero3", "pipeline-int8"])
+                                      ["strategy=pipeline", "quant=int8", "trainer.grad_accum_steps=2"],
+                                      ["strategy=ddp", "quant=int8", *LORA],
+                                      ["strategy=pipeline", "quant=int8", "trainer.grad_accum_steps=2", *LORA]],
+                         ids=["ddp-int8", "fsdp2", "zero3", "pipeline-int8", "ddp-int8-lora", "pipeline-int8-lora"])
 def test_a_frozen_base_finetune_on_two_ranks_matches_one_process(tmp_path: Path, strategy: list[str]) -> None:
     from multiprocess import run_ranks
 
     if "strategy=deepspeed" in strategy:
         pytest.importorskip("deepspeed")
     folder = hf_checkpoint(tmp_path / "hf")
-    common = ["finetune=biases", "trainer.max_steps=3", *[s for s in strategy if s.startswith("quant")]]
+    common = ["trainer.max_steps=3", *[s for s in strategy if s.startswith(("quant", "finetune"))]]
+    if not any(s.startswith("finetune") for s in common):
+        common.append("finetune=biases")
     finetune(tmp_path / "one", folder, *common)
     run_ranks(2, finetune_rank, str(tmp_path / "two"), str(folder), [*common, *strategy])
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")

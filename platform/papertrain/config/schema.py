@@ -99,14 +99,24 @@ class QuantConfig:
 
 
 @dataclass
+class LoRASettings:
+    """LoRA adapters (Hu et al. 2021; recipes/finetune/lora): h = W₀x + (alpha/r)·B A x on each target."""
+
+    targets: list[str] = _help("Linear layers to adapt: name suffixes or patterns, e.g. [query_key_value, dense]")
+    r: int = _help("rank of the update B A", default=8)
+    alpha: float = _help("scale: the update is multiplied by alpha / r", default=16.0)
+    dropout: float = _help("dropout on the adapters' input", default=0.0)
+    train_biases: bool = _help("train the model's biases as well (the paper freezes them)", default=False)
+
+
+@dataclass
 class FinetuneConfig:
     """Which parameters train; the rest are frozen (no gradients, no optimizer state)."""
 
     train: Literal["all", "biases", "lora"] = _help(
         "all; biases: only biases and norm gains (1-D parameters); lora: only LoRA adapters (section lora)",
         default="all")
-    lora: dict | None = _help("LoRA settings when train=lora: r, alpha, targets, dropout, train_biases",
-                              default=None)
+    lora: LoRASettings | None = _help("LoRA settings when train=lora", default=None)
 
 
 ModelSection = Annotated[dict, Component()]

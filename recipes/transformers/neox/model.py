@@ -145,6 +145,8 @@ class NeoXAttention(nn.Module):
             k, v = cache.append(layer, k, v)  # [B, H, past + T, D]
         if past == 0:
             mix = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # softmax(q kᵀ/√D + causal) v
+        elif T == 1:  # one new token, the latest position: it sees every cached key, no mask needed
+            mix = F.scaled_dot_product_attention(q, k, v)
         else:
             # query i sits at position past + i and sees keys 0 .. past + i
             visible = torch.arange(past + T, device=x.device)[None, :] <= (past + torch.arange(T, device=x.device))[:, None]

@@ -1,0 +1,1 @@
+"""Fine-tuning methods: adapting a pretrained model cheaply (LoRA, ...)."""
