@@ -257,7 +257,8 @@ def finetune_rank(run_dir: str, folder: str, overrides: list[str]) -> None:
                                       ["strategy=deepspeed", "strategy.stage=3"],
                                       ["strategy=pipeline", "quant=int8", "trainer.grad_accum_steps=2"],
                                       ["strategy=ddp", "quant=int8", *LORA],
-                                      ["strategy=pipeline", "quant=int8", "trainer.grad_accum_steps=2", *LORA]],
+                                      ["strategy=pipeline", "quant=int8", "trainer.grad_accum_steps=2",
+                                       "strategy.activation_checkpointing=true", *LORA]],
                          ids=["ddp-int8", "fsdp2", "zero3", "pipeline-int8", "ddp-int8-lora", "pipeline-int8-lora"])
 def test_a_frozen_base_finetune_on_two_ranks_matches_one_process(tmp_path: Path, strategy: list[str]) -> None:
     from multiprocess import run_ranks

@@ -33,7 +33,7 @@ from torch import nn
 from papertrain.checkpoint import load_training_state, save_training_state
 from papertrain.distributed import ProcessInfo
 from papertrain.errors import PapertrainError
-from papertrain.strategies.base import ModelBuilder, Strategy
+from papertrain.strategies.base import ModelBuilder, Strategy, checkpoint_activations
 
 
 def balanced_split(costs: list[int], first_extra: int, last_extra: int, stages: int) -> list[int]:
@@ -160,7 +160,10 @@ class Pipeline(Strategy):
         model = build()  # model_builder calls prune() before loading any weight
         if not self.owned:
             self.prune(model)
-        return model.to(self.device)
+        model = model.to(self.device)
+        if self.activation_checkpointing:  # this stage's blocks keep only their inputs for the backward
+            checkpoint_activations(model)
+        return model
 
     def wrap(self, model: nn.Module) -> nn.Module:
         self._pipelined = PipelinedModel(model, self)
