@@ -1,0 +1,92 @@
+"""
+# Adam (Kingma & Ba, 2015) and AMSGrad (Reddi, Kale & Kumar, 2018)
+
+"Adam: A Method for Stochastic Optimization" keeps two exponential moving averages per parameter, of
+the gradient g_t and of its elementwise square (Algorithm 1):
+
+    m_t = β₁ m_{t-1} + (1 - β₁) g_t                 first moment: a momentum
+    v_t = β₂ v_{t-1} + (1 - β₂) g_t²                second raw moment: the gradient's scale, per coordinate
+
+Both start at 0, so early on they are biased towards 0 by factors (1 - β₁ᵗ) and (1 - β₂ᵗ); dividing
+them out gives the bias-corrected estimates, and the step is the ratio
+
+    m̂_t = m_t / (1 - β₁ᵗ),    v̂_t = v_t / (1 - β₂ᵗ),    θ_t = θ_{t-1} - α m̂_t / (√v̂_t + ε)
+
+Each coordinate moves by about α whatever the gradient's scale: the "signal-to-noise" ratio m̂/√v̂ is
+invariant to rescaling g (§2.1). Defaults from the paper: α = 0.001, β₁ = 0.9, β₂ = 0.999, ε = 10⁻⁸.
+
+**AMSGrad.** "On the Convergence of Adam and Beyond" shows (Theorem 1) a simple convex problem on which
+Adam converges to the *worst* point: a rare large gradient is forgotten by v_t within ~1/(1 - β₂) steps,
+so the effective step size α/√v̂_t grows again and the frequent small gradients win. The fix keeps the
+largest v seen so far, so the effective step size never increases:
+
+    v̂_t^max = max(v̂_{t-1}^max, v_t),    θ_t = θ_{t-1} - α m̂_t / (√(v̂_t^max / (1 - β₂ᵗ)) + ε)
+
+(the paper's Algorithm 2 omits bias correction; we keep Adam's, as torch.optim and most code do, so that
+AMSGrad differs from Adam only by the max).
+
+**Weight decay.** `weight_decay` adds λθ to the gradient (L2 regularisation, as in the paper's setting);
+`decoupled=True` instead shrinks θ by αλ before the step (AdamW, Loshchilov & Hutter 2019), which does
+not let the adaptive denominator rescale the decay.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from papertrain.errors import PapertrainError
+
+
+class Adam(torch.optim.Optimizer):
+    """Adam (Algorithm 1), optionally AMSGrad (`amsgrad=True`) and AdamW's decoupled decay."""
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, decoupled: bool = False):
+        if lr < 0 or eps < 0 or weight_decay < 0:
+            raise PapertrainError(f"Adam: lr={lr}, eps={eps} and weight_decay={weight_decay} must be >= 0",
+                                  "use the paper's lr=1e-3, eps=1e-8")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise PapertrainError(f"Adam: betas={tuple(betas)} must lie in [0, 1)", "use the paper's (0.9, 0.999)")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        decoupled=decoupled)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
+            for theta in group["params"]:
+                if theta.grad is None:
+                    continue
+                g = theta.grad
+                state = self.state[theta]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(theta)  # m
+                    state["exp_avg_sq"] = torch.zeros_like(theta)  # v
+                    if group["amsgrad"]:
+                        state["max_exp_avg_sq"] = torch.zeros_like(theta)  # v^max
+                state["step"] += 1
+                t = int(state["step"].item())
+                if decay:
+                    if group["decoupled"]:
+                        theta.mul_(1 - lr * decay)  # AdamW: θ ← θ - αλθ, outside the adaptive step
+                    else:
+                        g = g.add(theta, alpha=decay)  # L2: g ← g + λθ
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.lerp_(g, 1 - beta1)  # m_t = β₁ m + (1 - β₁) g
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)  # v_t = β₂ v + (1 - β₂) g²
+                if group["amsgrad"]:
+                    torch.maximum(state["max_exp_avg_sq"], v, out=state["max_exp_avg_sq"])
+                    v = state["max_exp_avg_sq"]  # AMSGrad: the largest second moment so far
+                bias1, bias2 = 1 - beta1**t, 1 - beta2**t
+                denominator = (v.sqrt() / bias2**0.5).add_(eps)  # √v̂_t + ε
+                theta.addcdiv_(m, denominator, value=-lr / bias1)  # θ -= α m̂_t / (√v̂_t + ε)
+        return loss
