@@ -34,32 +34,31 @@ def load_for_generation(target: str, overrides: list[str], device: str = "auto",
                         ) -> Generator:
     from papertrain.data.tokenizers import tokenizer_from_json
     from papertrain.modelbuild import model_builder
-    from papertrain.strategies.base import pick_device
-
     from papertrain.seeding import seed_everything
+    from papertrain.strategies.base import pick_device
 
     run_dir = Path(target)
     chosen = pick_device(device)
-    if (run_dir / "config.yaml").is_file():
+    from_run = (run_dir / "config.yaml").is_file()
+    if from_run:
         config = load_config(run_dir / "config.yaml", overrides)
-        seed_everything(config.run.seed)  # a frozen random base (no pretrained weights) is rebuilt from the seed
-        model = model_builder(config.run, chosen, "single", "fp32", training=False)()
-        _load_checkpoint(model, run_dir, step)
-        tokenizer_file = run_dir / "tokenizer.json"
-        tokenizer = (tokenizer_from_json(json.loads(tokenizer_file.read_text())) if tokenizer_file.is_file()
-                     else _tokenizer_of(config))
-        source = f"{run_dir} (step {_step_of(run_dir, step)})"
     else:
         from papertrain.catalog import resolve_target
 
-        path, _ = resolve_target(target)
-        config = load_config(path, overrides)
-        seed_everything(config.run.seed)
+        config = load_config(resolve_target(target)[0], overrides)
         if config.run.pretrained is None:
             raise PapertrainError(f"{target}: its model has no pretrained weights, so it would generate from "
                                   "random initialisation", f"train it first (papertrain run {target}) and pass the "
                                   "run directory, or set pretrained.path=...")
-        model = model_builder(config.run, chosen, "single", "fp32", training=False)()
+    seed_everything(config.run.seed)  # a frozen random base (no pretrained weights) is rebuilt from the seed
+    model = model_builder(config.run, chosen, "single", "fp32", training=False)()
+    if from_run:
+        folder = _load_checkpoint(model, run_dir, step)
+        tokenizer_file = run_dir / "tokenizer.json"
+        tokenizer = (tokenizer_from_json(json.loads(tokenizer_file.read_text())) if tokenizer_file.is_file()
+                     else _tokenizer_of(config))
+        source = f"{run_dir} (step {folder.name.split('_')[-1].lstrip('0') or '0'})"
+    else:
         tokenizer = _tokenizer_of(config)
         source = f"{config.source} with weights from {config.run.pretrained.path}"
     return Generator(model.to(chosen).eval(), tokenizer, chosen, source)
@@ -79,31 +78,28 @@ def _tokenizer_of(config: LoadedConfig):
     return tokenizer
 
 
-def _step_of(run_dir: Path, step: int | None) -> str:
-    from papertrain.export import find_checkpoint
-
-    return find_checkpoint(run_dir, step).name.split("_")[-1].lstrip("0") or "0"
-
-
-def _load_checkpoint(model: nn.Module, run_dir: Path, step: int | None) -> None:
+def _load_checkpoint(model: nn.Module, run_dir: Path, step: int | None) -> Path:
     """The checkpoint's weights into the freshly built model (a finetune's checkpoint holds only what
-    training changed; the frozen base came from the config)."""
+    training changed; the frozen base came from the config). Returns the checkpoint's folder."""
     from papertrain.checkpoint import has_frozen_base
     from papertrain.export import find_checkpoint, full_weights
 
-    weights = full_weights(find_checkpoint(run_dir, step))
+    folder = find_checkpoint(run_dir, step)
+    weights = full_weights(folder)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected or (missing and not has_frozen_base(model)):
         raise PapertrainError(f"{run_dir}'s checkpoint does not fit the model its config builds "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})",
                               "generate with the config the run was trained with")
+    return folder
 
 
 def generate_text(generator: Generator, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
                   top_p: float | None, seed: int, out: TextIO | None = None) -> dict[str, float]:
     """Print the prompt, then each new token's text as soon as it is drawn; return timing figures."""
-    out = out or sys.stdout  # (looked up now: the default stream may have been replaced since import)
     from papertrain.recipes.lm.sampling.model import Sampler, stream
+
+    out = out or sys.stdout  # (looked up now: the default stream may have been replaced since import)
 
     tokenizer = generator.tokenizer
     ids = tokenizer.encode(prompt)

@@ -1,5 +1,4 @@
-"""Building a config's model: random initialisation, or saved weights loaded one tensor at a time, then
-int8 conversion (`quant`) and freezing (`finetune`).
+"""Saved weights loaded into a model one tensor at a time (the `pretrained` section; modelbuild.py calls it).
 
 Loading never holds a second copy of the model. The model is built on the `meta` device (shapes only),
 each safetensors file is memory-mapped, and each tensor is read, cast and moved to its target device on
@@ -109,19 +108,19 @@ def load_weights(model: nn.Module, path: Path, device: torch.device, dtype: torc
     named = dict(model.named_parameters())  # tied parameters appear once
     mapping = match_names(list(named), list(files), path, partial)
     blocks = blocks_of(model)
-    block_prefix = {id(p): i for i, block in enumerate(blocks) for p in block.parameters()}
+    block_of = {id(p): i for i, block in enumerate(blocks) for p in block.parameters()}
     remaining = [sum(1 for _ in block.parameters()) for block in blocks]
     owners = _owners(model)
     with ExitStack() as stack:
         handles: dict[Path, Any] = {}
         for name, parameter in named.items():
-            block = block_prefix.get(id(parameter))
+            block = block_of.get(id(parameter))
             file = files[mapping[name]]
             if file not in handles:  # memory-mapped once per shard
                 handles[file] = stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
             tensor = handles[file].get_tensor(mapping[name])
-            _replace_parameter(owners[id(parameter)], name, tensor.to(device=device, dtype=dtype if tensor.is_floating_point()
-                                                      else tensor.dtype))
+            cast = dtype if tensor.is_floating_point() else tensor.dtype
+            _replace_parameter(owners[id(parameter)], name, tensor.to(device=device, dtype=cast))
             del tensor
             if block is not None:
                 remaining[block] -= 1

@@ -108,14 +108,6 @@ class ByteLevelBPE:
         self._cache: dict[str, list[int]] = {}
 
     @classmethod
-    def from_gpt2_files(cls, encoder_json: str | Path, vocab_bpe: str | Path) -> ByteLevelBPE:
-        vocab = json.loads(Path(encoder_json).read_text(encoding="utf-8"))
-        lines = Path(vocab_bpe).read_text(encoding="utf-8").splitlines()
-        merges = [tuple(line.split()) for line in lines[1:] if line and not line.startswith("#version")]
-        return cls(vocab, merges, source={"type": "gpt2", "encoder.json": str(encoder_json),
-                                          "vocab.bpe": str(vocab_bpe)})
-
-    @classmethod
     def from_tokenizer_json(cls, path: str | Path) -> ByteLevelBPE:
         """A Hugging Face `tokenizer.json` whose model is a byte-level BPE (GPT-2, GPT-NeoX, Pythia, ...)."""
         path = Path(path)
@@ -202,9 +194,11 @@ class GPT2Tokenizer(ByteLevelBPE):
     """GPT-2's tokenizer (50,257 ids) from `encoder.json` and `vocab.bpe`, no network needed."""
 
     def __init__(self, encoder_json: str | Path, vocab_bpe: str | Path):
-        loaded = ByteLevelBPE.from_gpt2_files(encoder_json, vocab_bpe)
-        self.__dict__.update(loaded.__dict__)
-        self.files = {"encoder.json": str(encoder_json), "vocab.bpe": str(vocab_bpe)}
+        vocab = json.loads(Path(encoder_json).read_text(encoding="utf-8"))
+        lines = Path(vocab_bpe).read_text(encoding="utf-8").splitlines()
+        merges = [tuple(line.split()) for line in lines[1:] if line and not line.startswith("#version")]
+        super().__init__(vocab, merges, source={"type": "gpt2", "encoder.json": str(encoder_json),
+                                                "vocab.bpe": str(vocab_bpe)})
 
     @classmethod
     def from_registry(cls, path: str | None = None) -> GPT2Tokenizer:

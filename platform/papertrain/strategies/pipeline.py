@@ -157,10 +157,7 @@ class Pipeline(Strategy):
             setattr(model, name, None)
 
     def build_model(self, build: ModelBuilder) -> nn.Module:
-        model = build()  # model_builder calls prune() before loading any weight
-        if not self.owned:
-            self.prune(model)
-        model = model.to(self.device)
+        model = build().to(self.device)  # the trainer's model_builder calls prune() before loading any weight
         if self.activation_checkpointing:  # this stage's blocks keep only their inputs for the backward
             checkpoint_activations(model)
         return model

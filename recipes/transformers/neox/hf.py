@@ -54,27 +54,16 @@ def config_from_hf(directory: Path) -> dict[str, Any]:
     }
 
 
-def from_pretrained(path: str, dtype: str = "fp32", device: str = "cpu", quant: dict | str | None = None,
-                    **overrides: Any) -> GPTNeoX:
-    """A GPTNeoX from a HF GPT-NeoX folder, loaded tensor by tensor onto `device` in `dtype`.
-
-    Usable as a config component (`model: {_component_: ...neox.hf.from_pretrained, path: ...}`).
-    `quant`: `int8` (or `{backend: own|bitsandbytes, threshold: 6.0}`) converts each layer's Linear
-    modules to LLM.int8() as soon as that layer is loaded; embed_out stays in `dtype`.
-    """
+def from_pretrained(path: str, dtype: str = "fp32", device: str = "cpu", **overrides: Any) -> GPTNeoX:
+    """A GPTNeoX from a HF GPT-NeoX folder, loaded tensor by tensor onto `device` in `dtype`. (In a config,
+    the `pretrained` section does the same for any model, and `quant: int8` converts layers as they load.)"""
     directory = Path(path).expanduser()
     if not directory.is_dir():
         raise PapertrainError(f"model folder not found: {directory}",
                               "download a GPT-NeoX checkpoint (config.json + *.safetensors) and point path at it")
     if dtype not in DTYPES:
         raise PapertrainError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}", "use fp16 on GPUs, fp32 on CPU")
-    kwargs = {**config_from_hf(directory), **overrides}
     with torch.device("meta"):
-        model = GPTNeoX(**kwargs)
-    convert = None
-    if quant:
-        from papertrain.quant import layer_converter
-
-        convert = layer_converter(quant)
-    load_weights(model, directory, torch.device(device), DTYPES[dtype], convert)
+        model = GPTNeoX(**{**config_from_hf(directory), **overrides})
+    load_weights(model, directory, torch.device(device), DTYPES[dtype])
     return model
