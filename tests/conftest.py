@@ -29,7 +29,8 @@ SMALL_GPT = [
 def _offline_and_isolated(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PAPERTRAIN_OFFLINE", "1")
     monkeypatch.setenv("PAPERTRAIN_DATA", str(tmp_path_factory.mktemp("data-cache")))
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # OMP_NUM_THREADS=1 when other jobs share the cores: busy-waiting threads then slow torch 10-30x
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))
 
 
 def gpt_config_path() -> Path:
@@ -64,3 +65,43 @@ def run_shipped(recipe: str, run_dir: Path) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     print(f"tiny {recipe}: val/loss {summary['val/loss']:.4f} in {summary['wall_s']:.0f} s")
     return summary
+
+
+# A classifier run that takes seconds: 300 steps of 32 images from the first 5,000 of MNIST, 1,000 for validation.
+QUICK_CLASSIFIER = [
+    "data.train_examples=5000", "data.val_examples=1000", "trainer.max_steps=300", "trainer.batch_size=32",
+    "optimizer.lr=0.1",
+    "trainer.eval_batches=32", "trainer.log_every=10", "trainer.progress=none", "trainer.tensorboard=false",
+    "trainer.plot=false", "trainer.checkpoint_every=0", "trainer.eval_every=0", "trainer.sample_every=-1",
+]
+
+
+def classifier_accuracy(config_path: Path, run_dir: Path, overrides: list[str] = ()) -> float:
+    """Validation accuracy of `config_path`'s classifier after a QUICK_CLASSIFIER run with `overrides`."""
+    from papertrain.config import load_config
+    from papertrain.trainer import Trainer
+
+    result = Trainer(load_config(config_path, [*QUICK_CLASSIFIER, *overrides]), run_dir).run()
+    print(f"{config_path.parent.name} {' '.join(overrides)}: val/accuracy {result.metrics['val/accuracy']:.4f}")
+    return result.metrics["val/accuracy"]
+
+
+def same_forward_and_backward(ours: torch.nn.Module, reference: torch.nn.Module, x: torch.Tensor,
+                              atol: float = 1e-5) -> None:
+    """Both modules on the same input: equal outputs, and equal input gradients for one random upstream
+    gradient (the parameters' gradients accumulate in each module for the caller to compare)."""
+    x, x_ref = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    y, y_ref = ours(x), reference(x_ref)
+    torch.testing.assert_close(y, y_ref, atol=atol, rtol=1e-5)
+    upstream = torch.randn_like(y)
+    (y * upstream).sum().backward()
+    (y_ref * upstream).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=atol, rtol=1e-4)
+
+
+def set_affine(gain: torch.Tensor, bias: torch.Tensor, *modules: torch.nn.Module) -> None:
+    """Give normalization layers the same (non-trivial) scale and shift, so the affine part is tested too."""
+    with torch.no_grad():
+        for module in modules:
+            module.weight.copy_(gain)
+            module.bias.copy_(bias)

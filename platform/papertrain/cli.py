@@ -81,6 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write the result into the recipe's results.json (shipped configs, no overrides)")
     run.set_defaults(handler=cmd_run)
 
+    compare = commands.add_parser(
+        "compare", help="train a recipe's variants side by side: one table, one plot",
+        description="Train every variant listed in the `compare:` section of RECIPE's meta.yaml (e.g. the "
+                    "optimizers, the normalization layers) into RUN_DIR/<variant>, then write comparison.png "
+                    "(all loss curves), comparison.md (the table) and comparison.json. Overrides apply to every "
+                    "variant; re-running resumes, and finished variants are not trained again.")
+    _add_target(compare)
+    compare.add_argument("--only", help="comma-separated variant names to run (default: all)")
+    compare.add_argument("--run-dir", type=Path, help="where the variants are written (default: runs/<name>-compare)")
+    compare.add_argument("--record", action="store_true",
+                         help="copy the table and plot into the recipe's folder (shipped variants, no overrides)")
+    compare.set_defaults(handler=cmd_compare)
+
     launch = commands.add_parser(
         "launch", help="train on N processes of this machine (torchrun underneath)",
         description="Start N processes of `python -m papertrain.launch` with torchrun on this machine. The config "
@@ -234,6 +247,34 @@ def cmd_run(args: argparse.Namespace) -> int:
         stem = config.source.stem
         path = record_result(recipe, stem, run_dir, result.wall_s, result.metrics, result.step)
         print(f"  recorded: {path}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from papertrain.catalog import resolve_target
+    from papertrain.compare import load_comparison, record, run_comparison, write_outputs
+    from papertrain.rundir import default_run_dir
+
+    _, recipe = resolve_target(args.target)
+    if recipe is None:
+        raise PapertrainError(f"compare needs a recipe name, not a file ({args.target})",
+                              "e.g. papertrain compare optimizers")
+    if args.record and (args.overrides or args.only):
+        raise PapertrainError("--record stores the shipped comparison, so it takes no overrides and no --only",
+                              f"drop --record, or run `papertrain compare {recipe.name} --record`")
+    only = [name.strip() for name in args.only.split(",")] if args.only else None
+    comparison = load_comparison(recipe, args.overrides, only)
+    run_dir = args.run_dir or default_run_dir(f"{recipe.name}-compare")
+    if run_comparison(comparison, run_dir) == "interrupted":
+        print(f"interrupted: run the same command again to continue ({run_dir})")
+        return EXIT_INTERRUPTED
+    outputs = write_outputs(comparison, run_dir, recipe.title)
+    print((run_dir / "comparison.md").read_text(), end="")
+    for path in outputs:
+        print(f"  {path}")
+    if args.record:
+        for path in record(comparison, run_dir):
+            print(f"  recorded: {path}")
     return 0
 
 

