@@ -3,6 +3,8 @@
     setup()   seed -> device -> data -> model -> task -> optimizer -> scheduler -> resume
     train()   for each step: micro-batches (forward, backward) -> clip -> optimizer step -> schedule
               every N steps: log, evaluate, sample, checkpoint
+              (an optimizer with `curvature_every = k`, e.g. Sophia: every k steps a curvature pass first,
+              see `_update_curvature`)
     finish()  final evaluation, samples and checkpoint; summary.json; loss plot
 
 What a step computes is fixed by (seed, step) alone: the batch comes from `EpochSampler.indices(step)`,
@@ -132,6 +134,32 @@ class _LogWindow:
                     self.extra[key[len("extra/"):]].fill_(value)
 
 
+class _SampledLabels:
+    """The task as a curvature pass shows it to the strategy: its `loss` is `task.sampled_loss`, the loss on
+    labels drawn from the model's own predictions, with the next micro-batch's generators (a strategy
+    computes the losses of a step's micro-batches once each, in order)."""
+
+    def __init__(self, task: Any, generators: list[list[torch.Generator]]):
+        self.task, self.generators = task, iter(generators)
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.task.sampled_loss(model, batch, next(self.generators)), {}
+
+
+class _CurvatureStep:
+    """Stands in for the optimizer in `strategy.clip_and_step` on a curvature pass: `step()` updates the
+    optimizer's curvature estimate from the gradients instead of the parameters; all else is the optimizer's."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, num_samples: int):
+        self.optimizer, self.num_samples = optimizer, num_samples
+
+    def step(self, closure: Any = None) -> None:
+        self.optimizer.update_curvature(self.num_samples)
+
+    def __getattr__(self, name: str) -> Any:  # param_groups, state: what a strategy or GradScaler reads
+        return getattr(self.optimizer, name)
+
+
 class Trainer:
     def __init__(self, config: LoadedConfig, run_dir: Path, strategy: Strategy | None = None):
         self.config = config
@@ -181,6 +209,7 @@ class Trainer:
             self.task.prepare(self.raw_model, self.data)
         self.scheduler = (instantiate(self.cfg.scheduler, optimizer=self.optimizer)
                           if self.cfg.scheduler else None)
+        self._check_curvature()
         if tc.compile:
             self.model = torch.compile(self.model)
         self.grad_bytes: dict[int, int] = {}
@@ -368,19 +397,9 @@ class Trainer:
         local_units = [self.task.count(batch) for batch in micro_batches]
         step_units = max(1.0, strategy.sum_across_ranks({"units": float(sum(local_units))})["units"])
         weights = [units * strategy.data_world_size / step_units for units in local_units]
-        if hasattr(strategy, "forward_backward"):  # a pipeline schedules the micro-batches across its stages
-            total, parts_total = strategy.forward_backward(self.model, self.task, micro_batches, weights)
-        else:
-            total = torch.zeros((), device=self.device)
-            parts_total: dict[str, torch.Tensor] = {}
-            for micro, (batch, weight) in enumerate(zip(micro_batches, weights)):
-                with strategy.micro_step_context(self.model, micro == tc.grad_accum_steps - 1):
-                    with strategy.autocast():
-                        loss, parts = self.task.loss(self.model, batch)
-                    strategy.backward(loss * weight)
-                total += loss.detach().float() * weight
-                for k, v in parts.items():
-                    parts_total[k] = parts_total.get(k, 0) + v.detach().float() * weight
+        if self.curvature_every and self.step and self.step % self.curvature_every == 0:
+            self._update_curvature(micro_batches, weights, step_units)
+        total, parts_total = self._forward_backward(self.task, micro_batches, weights)
         grad_norm = strategy.clip_and_step(self.model, self.optimizer, tc.grad_clip)
         if self.step == 0:  # model-state bytes per rank, once gradients and optimizer state exist
             memory = strategy.memory_by_kind(self.model, self.optimizer)
@@ -397,6 +416,66 @@ class Trainer:
                 "lower optimizer.lr, enable trainer.grad_clip, or use trainer.precision=fp32; "
                 f"the last good checkpoint is in {self.run_dir / 'checkpoints'}")
         return total, parts_total, int(step_units), grad_norm
+
+    def _forward_backward(self, task: Any, micro_batches: list[dict[str, torch.Tensor]], weights: list[float]
+                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward and backward passes of `task.loss` over the step's micro-batches, each loss weighted by its
+        share of the step's units; returns this rank's share of the step's loss and extra metrics."""
+        tc, strategy = self.tc, self.strategy
+        if hasattr(strategy, "forward_backward"):  # a pipeline schedules the micro-batches across its stages
+            return strategy.forward_backward(self.model, task, micro_batches, weights)
+        total = torch.zeros((), device=self.device)
+        parts_total: dict[str, torch.Tensor] = {}
+        for micro, (batch, weight) in enumerate(zip(micro_batches, weights)):
+            with strategy.micro_step_context(self.model, micro == tc.grad_accum_steps - 1):
+                with strategy.autocast():
+                    loss, parts = task.loss(self.model, batch)
+                strategy.backward(loss * weight)
+            total += loss.detach().float() * weight
+            for k, v in parts.items():
+                parts_total[k] = parts_total.get(k, 0) + v.detach().float() * weight
+        return total, parts_total
+
+    # == the curvature hook (Sophia, recipes/optim/sophia) ==============================================
+    def _check_curvature(self) -> None:
+        """An optimizer that estimates curvature from the model's own predictions declares `curvature_every`
+        (k) and `update_curvature(num_samples)`; the task must be able to sample labels. Checked before any step."""
+        self.curvature_every = int(getattr(self.optimizer, "curvature_every", 0) or 0)
+        if not self.curvature_every:
+            return
+        name = type(self.optimizer).__name__
+        if not callable(getattr(self.task, "sampled_loss", None)):
+            raise PapertrainError(f"{name} estimates curvature from labels sampled from the model, but the task "
+                                  f"{type(self.task).__name__} has no sampled_loss(model, batch, generators)",
+                                  "use another optimizer, or give the task a sampled_loss (see LanguageModelTask)")
+        if self.strategy.name == "deepspeed" and self.tc.max_steps > self.curvature_every:
+            raise PapertrainError(f"{name} refreshes its curvature every {self.curvature_every} steps with an extra "
+                                  "backward pass, which strategy=deepspeed cannot run: its engine steps the "
+                                  "optimizer inside backward and keeps the gradients in its own partitions",
+                                  "use strategy=fsdp2 (sharded like ZeRO-3) or strategy=ddp")
+
+    def _update_curvature(self, micro_batches: list[dict[str, torch.Tensor]], weights: list[float],
+                          step_units: float) -> None:
+        """Every k-th step, before its own forward/backward: one more pass over the same micro-batches, on
+        labels drawn from the model's own predictions (`task.sampled_loss`), through the same path as
+        training, so the gradient ĝ is reduced across ranks (all-reduced, reduce-scattered, pipelined)
+        exactly as g is. The strategy then finishes the gradients as on any step (unscaling them, gathering
+        shards), without clipping, and calls `update_curvature(B)` in place of the optimizer's `step`, B
+        being the step's units (the labels sampled); then the gradients are cleared.
+
+        One generator per example, seeded from (seed, step, its place in the global batch): the labels do
+        not depend on how the batch is split over ranks and micro-batches, and a resumed run draws them
+        again exactly. The curvature estimate itself is optimizer state, so it is checkpointed."""
+        strategy, tc = self.strategy, self.tc
+        positions = torch.arange(tc.batch_size)
+        generators = [[torch.Generator(device=self.device).manual_seed(
+                           ((self.cfg.seed * 1_000_003 + self.step) * 1_000_003 + int(p)) % 2**63)
+                       for p in shard(positions, strategy.data_rank, strategy.data_world_size,
+                                      tc.grad_accum_steps, micro)]
+                      for micro in range(tc.grad_accum_steps)]
+        self._forward_backward(_SampledLabels(self.task, generators), micro_batches, weights)
+        strategy.clip_and_step(self.model, _CurvatureStep(self.optimizer, int(step_units)), None)
+        strategy.zero_grad(self.optimizer)
 
     # == evaluation, samples, checkpoints ==============================================================
     def _evaluate(self) -> dict[str, float]:

@@ -39,6 +39,19 @@ class LanguageModelTask:
         logits = model(batch["input_ids"])  # [B, T, V]
         return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten()), {}
 
+    def sampled_loss(self, model: nn.Module, batch: dict[str, torch.Tensor],
+                     generators: list[torch.Generator]) -> torch.Tensor:
+        """The same loss on labels ŷ drawn from the model's own predictive distribution softmax(logits)
+        instead of the data's: what Sophia's Gauss-Newton-Bartlett curvature estimate differentiates
+        (recipes/optim/sophia). One generator per sequence of the batch (the trainer seeds each from the
+        sequence's place in the global batch)."""
+        logits = model(batch["input_ids"])  # [B, T, V]
+        with torch.no_grad():
+            probabilities = logits.detach().float().softmax(-1)
+            labels = torch.stack([torch.multinomial(p, 1, generator=g).squeeze(-1)  # ŷ ~ softmax(f): [T]
+                                  for p, g in zip(probabilities, generators, strict=True)])  # [B, T]
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+
     def evaluate(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         loss, _ = self.loss(model, batch)
         return {"loss": float(loss), "bits_per_token": float(loss) / math.log(2)}
