@@ -158,7 +158,8 @@ def _plot(comparison: Comparison, run_dir: Path, title: str) -> None:
         if measured:
             steps, values = zip(*measured)
             right.plot(steps, values, "o-", color=color, linewidth=1.6, markersize=4, label=result["variant"])
-    left.set_title(f"{title}: training loss (smoothed)")
+    figure.suptitle(title, fontsize=11)  # above both panels: a long title does not run off the left one
+    left.set_title("training loss (smoothed)")
     right.set_title(metric)
     for axis in (left, right):
         axis.set_xlabel("step")

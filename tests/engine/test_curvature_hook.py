@@ -70,22 +70,20 @@ def test_the_curvature_is_refreshed_before_every_kth_step_from_the_global_batch(
     assert RecordingSophia.calls == [(3, tokens, True), (6, tokens, True), (9, tokens, True)]
 
 
-def test_the_curvature_pass_leaves_the_training_gradients_untouched(tmp_path: Path) -> None:
-    """With update_curvature recording only, training is bit-identical to a run without the pass: the
-    sampled gradients are cleared before the step's own backward, and nothing else changes."""
-    Trainer(config(f"optimizer._component_={__name__}.RecordOnly"), tmp_path / "with").run()
+def test_the_curvature_pass_leaves_no_trace_but_the_curvature(tmp_path: Path) -> None:
+    """With an update_curvature that only records, training is bit-identical to a run without the pass
+    (the sampled gradients are cleared before the step's own backward, nothing else changes); with the
+    real one, the steps change from the first pass (step 3) on."""
+    Trainer(config(f"optimizer._component_={__name__}.RecordOnly"), tmp_path / "record-only").run()
     assert len(RecordingSophia.calls) == 3
     Trainer(config("optimizer.curvature_every=1000"), tmp_path / "without").run()
-    assert losses(tmp_path / "with") == losses(tmp_path / "without")
-
-
-def test_the_curvature_changes_the_steps(tmp_path: Path) -> None:
     Trainer(config(), tmp_path / "with").run()
-    Trainer(config("optimizer.curvature_every=1000"), tmp_path / "without").run()
-    with_curvature, without = losses(tmp_path / "with"), losses(tmp_path / "without")
-    assert with_curvature[:4] == without[:4] and with_curvature[4:] != without[4:]  # first pass: step 3
+    without, with_curvature = losses(tmp_path / "without"), losses(tmp_path / "with")
+    assert losses(tmp_path / "record-only") == without
+    assert with_curvature[:4] == without[:4] and with_curvature[4:] != without[4:]
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical_with_the_curvature_hook(tmp_path: Path) -> None:
     """10 straight steps == 5 steps, a fresh process state, then 5 more, with curvature passes at steps
     3, 6 and 9 and dropout on (the extra forward pass draws dropout masks too)."""
@@ -122,8 +120,6 @@ def test_two_ranks_compute_what_one_process_computes(tmp_path: Path, strategy: s
     run_ranks(2, train_rank, str(tmp_path / "two"), [*steps, f"strategy={strategy}"])
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == len(two) == 7 and max(abs(a - b) for a, b in zip(one, two)) <= 1e-5, (one, two)
-    train_rank(str(tmp_path / "no-curvature"), [*steps, "optimizer.curvature_every=1000"])
-    assert losses(tmp_path / "no-curvature")[3:] != one[3:]  # the passes did change the steps
 
 
 @pytest.mark.slow

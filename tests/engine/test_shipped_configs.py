@@ -37,5 +37,18 @@ def test_recipe_folder_has_everything_the_contract_asks(folder: Path) -> None:
     assert tests, f"tests/recipes/test_{folder.name}.py is missing"
 
 
+@pytest.mark.parametrize("folder", RECIPE_DIRS, ids=lambda p: p.name)
+def test_every_recipe_is_verified_and_its_readme_reports_the_measurement(folder: Path) -> None:
+    """`papertrain ls` shows it verified (its recorded tiny run met the goal of its meta.yaml), and the
+    README has a Measured section with no placeholder left in it."""
+    assert discover()[folder.name].status() == "verified", f"record it: papertrain run {folder.name} --record"
+    readme = (folder / "README.md").read_text()
+    measured = readme.split("\n## Measured", 1)
+    assert len(measured) == 2, f"{folder.name}/README.md has no '## Measured' section"
+    section = measured[1].split("\n## ", 1)[0]
+    placeholders = [line for line in section.splitlines() if line.strip().isupper() and line.strip().isalpha()]
+    assert not placeholders and any(ch.isdigit() for ch in section), f"{folder.name}: {placeholders or 'no numbers'}"
+
+
 def test_recipe_names_are_unique() -> None:
     assert len(discover()) == len(RECIPE_DIRS)

@@ -82,7 +82,7 @@ def exact_variance(degrees: float) -> float:
 
 @pytest.mark.parametrize("beta2", [0.99, 0.999])
 def test_rectification_is_the_ratio_of_the_adaptive_rates_standard_deviations(beta2: float) -> None:
-    """r_t ≈ √(Var[ψ_∞] / Var[ψ_t]): eq. 6's first-order variance is close to the exact one once ρ_t is
+    """r_t ≈ √(Var[ψ_∞] / Var[ψ_t]): the paper's first-order variance is close to the exact one once ρ_t is
     moderately large (within 3% for ρ_t >= 40). (Near ρ_t = 5 it is off by a third, one reason not to
     trust the adaptive rate there.)"""
     for t in range(2, 6000, 7):
@@ -129,6 +129,7 @@ def test_bad_hyperparameters_are_clear_errors() -> None:
         RAdam(p, betas=(0.9, 0.5))
 
 
+@pytest.mark.slow
 def test_a_gpt_learns_shakespeare_with_radam_and_no_warmup(tmp_path: Path) -> None:
     config = load_config(CONFIG, [*SMALL_GPT, "trainer.max_steps=300", "trainer.batch_size=16",
                                   "trainer.eval_batches=8"])

@@ -217,6 +217,7 @@ def test_bad_hyperparameters_are_clear_errors() -> None:
         SophiaG(p, lr=-1)
 
 
+@pytest.mark.slow
 def test_a_gpt_learns_shakespeare_with_sophia_and_the_curvature_hook(tmp_path: Path) -> None:
     config = load_config(CONFIG, [*SMALL_GPT, "trainer.max_steps=300", "trainer.batch_size=32",
                                   "trainer.eval_batches=4", "optimizer.curvature_every=5"])

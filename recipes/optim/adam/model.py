@@ -32,61 +32,41 @@ not let the adaptive denominator rescale the decay.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 
-from papertrain.errors import PapertrainError
+from papertrain.optim import ElementwiseOptimizer, check_hyperparameters
 
 
-class Adam(torch.optim.Optimizer):
-    """Adam (Algorithm 1), optionally AMSGrad (`amsgrad=True`) and AdamW's decoupled decay."""
+class Adam(ElementwiseOptimizer):
+    """Adam (Algorithm 1), optionally AMSGrad (`amsgrad=True`) and AdamW's decoupled decay. The loop over
+    parameters, the step count t and the weight decay are `papertrain.optim.ElementwiseOptimizer`'s."""
+
+    decoupled_key = "decoupled"
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, decoupled: bool = False):
-        if lr < 0 or eps < 0 or weight_decay < 0:
-            raise PapertrainError(f"Adam: lr={lr}, eps={eps} and weight_decay={weight_decay} must be >= 0",
-                                  "use the paper's lr=1e-3, eps=1e-8")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise PapertrainError(f"Adam: betas={tuple(betas)} must lie in [0, 1)", "use the paper's (0.9, 0.999)")
+        check_hyperparameters("Adam", lr, eps, weight_decay, betas, "lr=1e-3, eps=1e-8, betas=(0.9, 0.999)")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         decoupled=decoupled)
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
-            for theta in group["params"]:
-                if theta.grad is None:
-                    continue
-                g = theta.grad
-                state = self.state[theta]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(theta)  # m
-                    state["exp_avg_sq"] = torch.zeros_like(theta)  # v
-                    if group["amsgrad"]:
-                        state["max_exp_avg_sq"] = torch.zeros_like(theta)  # v^max
-                state["step"] += 1
-                t = int(state["step"].item())
-                if decay:
-                    if group["decoupled"]:
-                        theta.mul_(1 - lr * decay)  # AdamW: θ ← θ - αλθ, outside the adaptive step
-                    else:
-                        g = g.add(theta, alpha=decay)  # L2: g ← g + λθ
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.lerp_(g, 1 - beta1)  # m_t = β₁ m + (1 - β₁) g
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)  # v_t = β₂ v + (1 - β₂) g²
-                if group["amsgrad"]:
-                    torch.maximum(state["max_exp_avg_sq"], v, out=state["max_exp_avg_sq"])
-                    v = state["max_exp_avg_sq"]  # AMSGrad: the largest second moment so far
-                bias1, bias2 = 1 - beta1**t, 1 - beta2**t
-                denominator = (v.sqrt() / bias2**0.5).add_(eps)  # √v̂_t + ε
-                theta.addcdiv_(m, denominator, value=-lr / bias1)  # θ -= α m̂_t / (√v̂_t + ε)
-        return loss
+    def new_state(self, theta: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        state = {"exp_avg": torch.zeros_like(theta), "exp_avg_sq": torch.zeros_like(theta)}  # m, v
+        if group["amsgrad"]:
+            state["max_exp_avg_sq"] = torch.zeros_like(theta)  # v^max
+        return state
+
+    def update(self, theta: torch.Tensor, g: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
+               t: int) -> None:
+        beta1, beta2 = group["betas"]
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m.lerp_(g, 1 - beta1)  # m_t = β₁ m + (1 - β₁) g
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)  # v_t = β₂ v + (1 - β₂) g²
+        if group["amsgrad"]:
+            torch.maximum(state["max_exp_avg_sq"], v, out=state["max_exp_avg_sq"])
+            v = state["max_exp_avg_sq"]  # AMSGrad: the largest second moment so far
+        bias1, bias2 = 1 - beta1**t, 1 - beta2**t
+        denominator = (v.sqrt() / bias2**0.5).add_(group["eps"])  # √v̂_t + ε
+        theta.addcdiv_(m, denominator, value=-group["lr"] / bias1)  # θ -= α m̂_t / (√v̂_t + ε)

@@ -10,12 +10,12 @@ variable: its variance is divergent for the first few degrees of freedom and dec
 Theorem 1). Warmup works because a small α during those steps keeps that variance harmless.
 
 RAdam removes the variance explicitly instead. The exponential moving average v_t behaves like a
-simple moving average of ρ_t gradients (§4.1, eq. 4 and what follows), with
+simple moving average of ρ_t gradients (§4), with
 
     ρ_∞ = 2 / (1 - β₂) - 1,         ρ_t = ρ_∞ - 2 t β₂ᵗ / (1 - β₂ᵗ)
 
 the "length of the approximated SMA": ρ_1 = 1, and ρ_t grows towards ρ_∞ (≈ t at first). To first
-order, Var[ψ_t] ≈ ρ_t / (2 (ρ_t - 2)(ρ_t - 4) σ²) (eq. 6), finite only for ρ_t > 4. Scaling the step by
+order, Var[ψ_t] ≈ ρ_t / (2 (ρ_t - 2)(ρ_t - 4) σ²), finite only for ρ_t > 4. Scaling the step by
 
     r_t = √( (ρ_t - 4)(ρ_t - 2) ρ_∞ / ((ρ_∞ - 4)(ρ_∞ - 2) ρ_t) )           (the variance rectification term)
 
@@ -45,40 +45,38 @@ shrinks θ by αλ before the step, as AdamW does (Loshchilov & Hutter 2019) and
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 
 from papertrain.errors import PapertrainError
+from papertrain.optim import ElementwiseOptimizer, check_hyperparameters
 
 # ρ_t must exceed this before the adaptive step is used (Algorithm 2 says 4; torch and the authors' code 5)
 RHO_THRESHOLD = 5.0
 
 
 def rho(t: int, beta2: float) -> tuple[float, float]:
-    """(ρ_∞, ρ_t): the lengths of the simple moving averages that v_∞ and v_t approximate (§4.1)."""
+    """(ρ_∞, ρ_t): the lengths of the simple moving averages that v_∞ and v_t approximate (§4)."""
     rho_inf = 2 / (1 - beta2) - 1
     return rho_inf, rho_inf - 2 * t * beta2**t / (1 - beta2**t)
 
 
 def rectification(t: int, beta2: float) -> float | None:
-    """r_t = √(Var[ψ_∞] / Var[ψ_t]) to first order (eq. 6 ff.); None while ρ_t <= 5 (no adaptive step yet)."""
+    """r_t = √(Var[ψ_∞] / Var[ψ_t]) to first order (§4); None while ρ_t <= 5 (no adaptive step yet)."""
     rho_inf, rho_t = rho(t, beta2)
     if rho_t <= RHO_THRESHOLD:
         return None
     return math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
 
 
-class RAdam(torch.optim.Optimizer):
-    """Rectified Adam (Algorithm 2), optionally with decoupled (AdamW) weight decay."""
+class RAdam(ElementwiseOptimizer):
+    """Rectified Adam (Algorithm 2), optionally with decoupled (AdamW) weight decay. The loop over
+    parameters, the step count t and the weight decay are `papertrain.optim.ElementwiseOptimizer`'s."""
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, decoupled_weight_decay: bool = False):
-        if lr < 0 or eps < 0 or weight_decay < 0:
-            raise PapertrainError(f"RAdam: lr={lr}, eps={eps} and weight_decay={weight_decay} must be >= 0",
-                                  "use the paper's lr=1e-3, eps=1e-8")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise PapertrainError(f"RAdam: betas={tuple(betas)} must lie in [0, 1)", "use the paper's (0.9, 0.999)")
+        check_hyperparameters("RAdam", lr, eps, weight_decay, betas, "lr=1e-3, eps=1e-8, betas=(0.9, 0.999)")
         if rho(1, betas[1])[0] <= RHO_THRESHOLD:
             # ρ_∞ <= 5 (β₂ <= 2/3): ρ_t never passes the threshold, so this would be momentum SGD forever
             raise PapertrainError(f"RAdam: betas[1]={betas[1]} gives ρ_∞ = {rho(1, betas[1])[0]:.2f} <= 5, so it "
@@ -87,40 +85,21 @@ class RAdam(torch.optim.Optimizer):
                         decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
-            for theta in group["params"]:
-                if theta.grad is None:
-                    continue
-                g = theta.grad
-                state = self.state[theta]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(theta)  # m
-                    state["exp_avg_sq"] = torch.zeros_like(theta)  # v
-                state["step"] += 1
-                t = int(state["step"].item())
-                if decay:
-                    if group["decoupled_weight_decay"]:
-                        theta.mul_(1 - lr * decay)  # θ ← θ - αλθ, outside the adaptive step
-                    else:
-                        g = g.add(theta, alpha=decay)  # L2: g ← g + λθ
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                m.lerp_(g, 1 - beta1)  # m_t = β₁ m + (1 - β₁) g
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)  # v_t = β₂ v + (1 - β₂) g²
-                m_hat = m / (1 - beta1**t)  # m̂_t
-                r_t = rectification(t, beta2)
-                if r_t is None:
-                    # ρ_t <= 5: the adaptive rate's variance is intractable, so no adaptive rate at all
-                    theta.add_(m_hat, alpha=-lr)  # θ_t = θ_{t-1} - α m̂_t
-                else:
-                    l_t = (1 - beta2**t) ** 0.5 / (v.sqrt() + eps)  # l_t = √((1 - β₂ᵗ) / v_t)
-                    theta.add_(m_hat * l_t, alpha=-lr * r_t)  # θ_t = θ_{t-1} - α r_t l_t m̂_t
-        return loss
+    def new_state(self, theta: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {"exp_avg": torch.zeros_like(theta), "exp_avg_sq": torch.zeros_like(theta)}  # m, v
+
+    def update(self, theta: torch.Tensor, g: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
+               t: int) -> None:
+        beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m.lerp_(g, 1 - beta1)  # m_t = β₁ m + (1 - β₁) g
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)  # v_t = β₂ v + (1 - β₂) g²
+        m_hat = m / (1 - beta1**t)  # m̂_t
+        r_t = rectification(t, beta2)
+        if r_t is None:
+            # ρ_t <= 5: the adaptive rate's variance is intractable, so no adaptive rate at all
+            theta.add_(m_hat, alpha=-lr)  # θ_t = θ_{t-1} - α m̂_t
+        else:
+            l_t = (1 - beta2**t) ** 0.5 / (v.sqrt() + group["eps"])  # l_t = √((1 - β₂ᵗ) / v_t)
+            theta.add_(m_hat * l_t, alpha=-lr * r_t)  # θ_t = θ_{t-1} - α r_t l_t m̂_t

@@ -20,9 +20,9 @@ Where the curvature is large and well estimated, the step is η m_t/(γ h_t), a 
 η/γ: flat directions (small h) get long steps and sharp ones (large h) short steps, which Adam's
 division by the gradient's scale cannot tell apart. Where h is tiny or zero (or the estimate is
 stale), m/(γh) is huge and the clip makes the step η·sign(m_t): signSGD with momentum. So no
-coordinate ever moves by more than η per step (§2.2: the clip is the safeguard against a wrong
-curvature estimate, and it is what makes the method stable on non-convex losses).
-Defaults from §3.1 and the experiments: β₁ = 0.965, β₂ = 0.99, γ = 0.01, ε = 10⁻¹², k = 10, λ = 0.2.
+coordinate ever moves by more than η per step: the paper's safeguard against a wrong curvature
+estimate, and what keeps the method stable on non-convex losses.
+Defaults from the paper: β₁ = 0.965, β₂ = 0.99, γ = 0.01, ε = 10⁻¹², k = 10, λ = 0.2.
 
 ## The Gauss-Newton-Bartlett estimator (Algorithm 2), the "G" of Sophia-G
 
