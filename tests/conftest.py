@@ -105,3 +105,31 @@ def set_affine(gain: torch.Tensor, bias: torch.Tensor, *modules: torch.nn.Module
         for module in modules:
             module.weight.copy_(gain)
             module.bias.copy_(bias)
+
+
+def optimizer_trajectory(make_optimizer, steps: int = 100, seed: int = 0,
+                         rebuild_at: int | None = None) -> list[torch.Tensor]:
+    """The parameters (8x5 weights, then 8 biases, flattened) after each step of minimising a small,
+    non-convex, noisy objective: a tanh regression on fresh random data plus a quartic penalty.
+
+    With `rebuild_at`, the optimizer is rebuilt from its `state_dict` just before that step, as a resumed
+    run would be."""
+    torch.manual_seed(seed)
+    weight = torch.nn.Parameter(torch.randn(8, 5))
+    bias = torch.nn.Parameter(torch.randn(8))
+    optimizer = make_optimizer([weight, bias])
+    data = torch.Generator().manual_seed(seed + 1)
+    path = []
+    for step in range(steps):
+        if step == rebuild_at:
+            saved = optimizer.state_dict()
+            optimizer = make_optimizer([weight, bias])
+            optimizer.load_state_dict(saved)
+        x = torch.randn(16, 5, generator=data)
+        target = torch.randn(16, 8, generator=data)
+        loss = (torch.tanh(x @ weight.T + bias) - target).pow(2).mean() + 0.01 * weight.pow(4).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        path.append(torch.cat([weight.detach().flatten(), bias.detach()]).clone())
+    return path

@@ -59,7 +59,7 @@ class ClassificationTask:
             if i >= count:
                 continue
             guess = int(probabilities[i].argmax())
-            axis.imshow(batch["image"][i, 0], cmap="gray")
+            axis.imshow(batch["image"][i, 0].numpy(), cmap="gray")
             axis.set_title(f"{data.class_names[guess]} {probabilities[i, guess]:.0%}", fontsize=8,
                            color="black" if guess == int(batch["label"][i]) else "red")
         figure.tight_layout()

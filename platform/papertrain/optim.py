@@ -7,8 +7,10 @@ use (`new_state`), counts its steps t (from 1), applies weight decay, and hands 
     L2 decay (the default):          g ← g + λθ               (the decay goes through the adaptive step)
     decoupled decay (AdamW's form):  θ ← θ - αλθ              (it does not)
 
-Subclasses (adam, radam and adabelief recipes) define `new_state(θ, group)` and
-`update(θ, g, state, group, t)`, and say which group key switches the decoupled form on.
+Subclasses (the adam, radam, adabelief and sophia recipes) define `new_state(θ, group)` and
+`update(θ, g, state, group, t)`, and say which group key switches the decoupled form on (or override
+`decoupled`). `state_of` creates a parameter's state wherever it is first needed (Sophia-G's curvature
+pass may come before its first step).
 """
 
 from __future__ import annotations
@@ -43,6 +45,18 @@ class ElementwiseOptimizer(torch.optim.Optimizer):
         """Move θ in place, given its (decayed) gradient g, its state and the step number t >= 1."""
         raise NotImplementedError
 
+    def decoupled(self, group: dict[str, Any]) -> bool:
+        """Whether this group's weight decay takes AdamW's form."""
+        return bool(group[self.decoupled_key])
+
+    def state_of(self, theta: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        """θ's state, created on first use: its step count and `new_state`'s tensors."""
+        state = self.state[theta]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state.update(self.new_state(theta, group))
+        return state
+
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
         loss = None
@@ -54,14 +68,11 @@ class ElementwiseOptimizer(torch.optim.Optimizer):
             for theta in group["params"]:
                 if theta.grad is None:
                     continue
-                state = self.state[theta]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state.update(self.new_state(theta, group))
+                state = self.state_of(theta, group)
                 state["step"] += 1
                 g = theta.grad
                 if decay:
-                    if group[self.decoupled_key]:
+                    if self.decoupled(group):
                         theta.mul_(1 - lr * decay)  # θ ← θ - αλθ, outside the adaptive step
                     else:
                         g = g.add(theta, alpha=decay)  # L2: g ← g + λθ

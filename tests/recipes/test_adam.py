@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SMALL_GPT, learns
+from conftest import SMALL_GPT, learns, optimizer_trajectory
 from papertrain.config import load_config
 from papertrain.errors import PapertrainError
 from papertrain.recipes.optim.adam.model import Adam
@@ -18,38 +18,19 @@ from papertrain.recipes.optim.adam.model import Adam
 CONFIG = Path(__file__).resolve().parents[2] / "recipes" / "optim" / "adam" / "tiny.yaml"
 
 
-def trajectory(make_optimizer, steps: int = 100, seed: int = 0) -> list[torch.Tensor]:
-    """Parameters after each step of minimising a small, non-convex, noisy objective."""
-    torch.manual_seed(seed)
-    weight = torch.nn.Parameter(torch.randn(8, 5))
-    bias = torch.nn.Parameter(torch.randn(8))
-    optimizer = make_optimizer([weight, bias])
-    data = torch.Generator().manual_seed(seed + 1)
-    path = []
-    for _ in range(steps):
-        x = torch.randn(16, 5, generator=data)
-        target = torch.randn(16, 8, generator=data)
-        loss = (torch.tanh(x @ weight.T + bias) - target).pow(2).mean() + 0.01 * weight.pow(4).sum()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        path.append(torch.cat([weight.detach().flatten(), bias.detach()]).clone())
-    return path
-
-
 @pytest.mark.parametrize("settings", [
     {}, {"amsgrad": True}, {"weight_decay": 0.05}, {"weight_decay": 0.05, "amsgrad": True},
     {"lr": 3e-2, "betas": (0.8, 0.95), "eps": 1e-6},
 ], ids=["adam", "amsgrad", "l2", "l2-amsgrad", "other-hyperparameters"])
 def test_trajectory_equals_torch_optim_adam_for_100_steps(settings: dict) -> None:
-    ours = trajectory(lambda p: Adam(p, **settings))
-    reference = trajectory(lambda p: torch.optim.Adam(p, **settings))
+    ours = optimizer_trajectory(lambda p: Adam(p, **settings))
+    reference = optimizer_trajectory(lambda p: torch.optim.Adam(p, **settings))
     assert max((a - b).abs().max().item() for a, b in zip(ours, reference)) <= 1e-6
 
 
 def test_decoupled_weight_decay_equals_torch_optim_adamw() -> None:
-    ours = trajectory(lambda p: Adam(p, lr=1e-2, weight_decay=0.1, decoupled=True))
-    reference = trajectory(lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1))
+    ours = optimizer_trajectory(lambda p: Adam(p, lr=1e-2, weight_decay=0.1, decoupled=True))
+    reference = optimizer_trajectory(lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1))
     assert max((a - b).abs().max().item() for a, b in zip(ours, reference)) <= 1e-6
 
 
@@ -88,22 +69,11 @@ def test_amsgrad_never_increases_the_effective_step_size() -> None:
 
 def test_a_state_dict_round_trip_continues_the_same_trajectory() -> None:
     """10 steps straight == 5 steps, the optimizer rebuilt from its state_dict, then 5 more."""
-    straight = trajectory(lambda p: Adam(p, amsgrad=True), steps=10)
-    torch.manual_seed(0)
-    weight, bias = torch.nn.Parameter(torch.randn(8, 5)), torch.nn.Parameter(torch.randn(8))
-    optimizer = Adam([weight, bias], amsgrad=True)
-    data = torch.Generator().manual_seed(1)
-    for step in range(10):
-        if step == 5:
-            saved = optimizer.state_dict()
-            optimizer = Adam([weight, bias], amsgrad=True)
-            optimizer.load_state_dict(saved)
-        x, target = torch.randn(16, 5, generator=data), torch.randn(16, 8, generator=data)
-        loss = (torch.tanh(x @ weight.T + bias) - target).pow(2).mean() + 0.01 * weight.pow(4).sum()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert torch.equal(torch.cat([weight.detach().flatten(), bias.detach()]), straight[-1])
+    def make(params):
+        return Adam(params, amsgrad=True)
+
+    straight = optimizer_trajectory(make, steps=10)
+    assert torch.equal(optimizer_trajectory(make, steps=10, rebuild_at=5)[-1], straight[-1])
 
 
 def test_bad_hyperparameters_are_clear_errors() -> None:

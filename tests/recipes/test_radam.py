@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SMALL_GPT, learns
+from conftest import SMALL_GPT, learns, optimizer_trajectory
 from papertrain.config import load_config
 from papertrain.errors import PapertrainError
 from papertrain.recipes.optim.radam.model import RAdam, rectification, rho
@@ -18,37 +18,13 @@ from papertrain.recipes.optim.radam.model import RAdam, rectification, rho
 CONFIG = Path(__file__).resolve().parents[2] / "recipes" / "optim" / "radam" / "tiny.yaml"
 
 
-def objective(weight: torch.Tensor, bias: torch.Tensor, data: torch.Generator) -> torch.Tensor:
-    """A small, non-convex, noisy objective (as in test_adam.py)."""
-    x = torch.randn(16, 5, generator=data)
-    target = torch.randn(16, 8, generator=data)
-    return (torch.tanh(x @ weight.T + bias) - target).pow(2).mean() + 0.01 * weight.pow(4).sum()
-
-
-def trajectory(make_optimizer, steps: int = 100, seed: int = 0) -> list[torch.Tensor]:
-    """Parameters after each step of minimising `objective`."""
-    torch.manual_seed(seed)
-    weight = torch.nn.Parameter(torch.randn(8, 5))
-    bias = torch.nn.Parameter(torch.randn(8))
-    optimizer = make_optimizer([weight, bias])
-    data = torch.Generator().manual_seed(seed + 1)
-    path = []
-    for _ in range(steps):
-        loss = objective(weight, bias, data)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        path.append(torch.cat([weight.detach().flatten(), bias.detach()]).clone())
-    return path
-
-
 @pytest.mark.parametrize("settings", [
     {}, {"weight_decay": 0.05}, {"lr": 1e-2, "weight_decay": 0.1, "decoupled_weight_decay": True},
     {"lr": 3e-2, "betas": (0.8, 0.95), "eps": 1e-6}, {"lr": 1e-2, "betas": (0.0, 0.9)},
 ], ids=["default", "l2", "decoupled", "other-hyperparameters", "no-momentum"])
 def test_trajectory_equals_torch_optim_radam_for_100_steps(settings: dict) -> None:
-    ours = trajectory(lambda p: RAdam(p, **settings))
-    reference = trajectory(lambda p: torch.optim.RAdam(p, foreach=False, **settings))
+    ours = optimizer_trajectory(lambda p: RAdam(p, **settings))
+    reference = optimizer_trajectory(lambda p: torch.optim.RAdam(p, foreach=False, **settings))
     assert max((a - b).abs().max().item() for a, b in zip(ours, reference)) <= 1e-6
 
 
@@ -102,21 +78,11 @@ def test_rectification_rises_monotonically_to_1(beta2: float) -> None:
 def test_a_state_dict_round_trip_continues_the_same_trajectory() -> None:
     """10 steps straight == 5 steps, the optimizer rebuilt from its state_dict, then 5 more."""
     settings = {"lr": 1e-2, "weight_decay": 0.1, "decoupled_weight_decay": True}
-    straight = trajectory(lambda p: RAdam(p, **settings), steps=10)
-    torch.manual_seed(0)
-    weight, bias = torch.nn.Parameter(torch.randn(8, 5)), torch.nn.Parameter(torch.randn(8))
-    optimizer = RAdam([weight, bias], **settings)
-    data = torch.Generator().manual_seed(1)
-    for step in range(10):
-        if step == 5:
-            saved = optimizer.state_dict()
-            optimizer = RAdam([weight, bias], **settings)
-            optimizer.load_state_dict(saved)
-        loss = objective(weight, bias, data)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert torch.equal(torch.cat([weight.detach().flatten(), bias.detach()]), straight[-1])
+    def make(params):
+        return RAdam(params, **settings)
+
+    straight = optimizer_trajectory(make, steps=10)
+    assert torch.equal(optimizer_trajectory(make, steps=10, rebuild_at=5)[-1], straight[-1])
 
 
 def test_bad_hyperparameters_are_clear_errors() -> None:

@@ -57,15 +57,17 @@ before steps k, 2k, 3k, ... (0-based), at the parameters that step's gradient is
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 
 from papertrain.errors import PapertrainError
+from papertrain.optim import ElementwiseOptimizer
 
 
-class SophiaG(torch.optim.Optimizer):
-    """Sophia with the Gauss-Newton-Bartlett curvature estimator (Algorithm 3)."""
+class SophiaG(ElementwiseOptimizer):
+    """Sophia with the Gauss-Newton-Bartlett curvature estimator (Algorithm 3). The loop over parameters and
+    the decoupled decay (applied before the step, as θ ← θ - ηλθ) are `papertrain.optim.ElementwiseOptimizer`'s."""
 
     def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99),
                  gamma: float = 0.01, eps: float = 1e-12, weight_decay: float = 0.2, curvature_every: int = 10):
@@ -85,12 +87,12 @@ class SophiaG(torch.optim.Optimizer):
         self.curvature_every = curvature_every
         super().__init__(params, dict(lr=lr, betas=tuple(betas), gamma=gamma, eps=eps, weight_decay=weight_decay))
 
-    def _state(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
-        state = self.state[theta]
-        if not state:
-            state["exp_avg"] = torch.zeros_like(theta)  # m
-            state["hessian"] = torch.zeros_like(theta)  # h: starts at 0, so the first steps are clipped
-        return state
+    def decoupled(self, group: dict[str, Any]) -> bool:
+        return True  # the paper's decay is AdamW's form: θ ← θ - ηλθ
+
+    def new_state(self, theta: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
+        # m, and h: starts at 0, so the first steps are clipped
+        return {"exp_avg": torch.zeros_like(theta), "hessian": torch.zeros_like(theta)}
 
     @torch.no_grad()
     def update_curvature(self, num_samples: int) -> None:
@@ -102,26 +104,12 @@ class SophiaG(torch.optim.Optimizer):
                 if theta.grad is None:
                     continue
                 g_hat = theta.grad
-                h = self._state(theta)["hessian"]
+                h = self.state_of(theta, group)["hessian"]
                 h.mul_(beta2).addcmul_(g_hat, g_hat, value=(1 - beta2) * num_samples)
 
-    @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1 = group["betas"][0]
-            lr, gamma, eps, decay = group["lr"], group["gamma"], group["eps"], group["weight_decay"]
-            for theta in group["params"]:
-                if theta.grad is None:
-                    continue
-                state = self._state(theta)
-                m, h = state["exp_avg"], state["hessian"]
-                m.lerp_(theta.grad, 1 - beta1)  # m_t = β₁ m + (1 - β₁) g_t
-                if decay:
-                    theta.mul_(1 - lr * decay)  # θ ← θ - ηλθ
-                ratio = m / (h * gamma).clamp_(min=eps)  # m_t / max{γ h_t, ε}
-                theta.add_(ratio.clamp_(-1.0, 1.0), alpha=-lr)  # θ ← θ - η clip(·, 1)
-        return loss
+    def update(self, theta: torch.Tensor, g: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
+               t: int) -> None:
+        m, h = state["exp_avg"], state["hessian"]
+        m.lerp_(g, 1 - group["betas"][0])  # m_t = β₁ m + (1 - β₁) g_t
+        ratio = m / (h * group["gamma"]).clamp_(min=group["eps"])  # m_t / max{γ h_t, ε}
+        theta.add_(ratio.clamp_(-1.0, 1.0), alpha=-group["lr"])  # θ ← θ - η clip(·, 1)

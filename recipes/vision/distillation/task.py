@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from papertrain.classification import ClassificationTask
 from papertrain.data.sources import cache_dir
 from papertrain.errors import PapertrainError
 from papertrain.recipes.vision.distillation.model import MLP, distillation_loss
@@ -27,7 +28,7 @@ from papertrain.recipes.vision.distillation.model import MLP, distillation_loss
 TEACHER_VERSION = 1  # bump when the teacher's training changes, so that old cached teachers are not used
 
 
-class DistillationTask:
+class DistillationTask(ClassificationTask):
     """L = α T² KL(teacher ‖ student at T) + (1 - α) CE(y, student); α = 0 trains the student alone.
 
     The teacher: an MLP with `teacher_hidden` ReLU layers and `teacher_dropout`, trained with Adam for
@@ -35,8 +36,6 @@ class DistillationTask:
     shifted by up to `teacher_jitter` pixels in each direction (the paper's teacher: dropout and 2-pixel
     jitter; its student: neither).
     """
-
-    unit = "samples"
 
     def __init__(self, temperature: float = 20.0, alpha: float = 0.9, teacher_hidden: list[int] = (1200, 1200),
                  teacher_dropout: float = 0.3, teacher_jitter: int = 2, teacher_steps: int = 5000,
@@ -61,12 +60,11 @@ class DistillationTask:
                                  "lr": float(teacher_lr), "seed": int(teacher_seed)}
         self.teacher_path = teacher_path
         self.teacher: nn.Module | None = None
+        super().__init__()
 
     # -- the teacher ----------------------------------------------------------------------------------
     def prepare(self, model: nn.Module, data: Any) -> None:
-        if getattr(model, "num_classes", data.num_classes) != data.num_classes:
-            raise PapertrainError(f"model.num_classes={model.num_classes} but {data.dataset} has {data.num_classes} "
-                                  "classes", f"set model.num_classes={data.num_classes}")
+        super().prepare(model, data)  # the model's classes are the data's
         if tuple(getattr(data, "image_shape", (1, 28, 28))) != tuple(getattr(model, "image_shape", (1, 28, 28))):
             raise PapertrainError(f"the student takes images of shape {list(model.image_shape)}, the data has "
                                   f"{list(data.image_shape)}", "use 28x28 grey images (mnist or fashion_mnist)")
@@ -134,9 +132,6 @@ class DistillationTask:
             values["distillation_loss"] = float(distillation_loss(logits, teacher_logits, batch["label"],
                                                                   self.temperature, self.alpha)[0])
         return values
-
-    def count(self, batch: dict[str, torch.Tensor]) -> int:
-        return len(batch["label"])
 
     def _teacher(self) -> nn.Module:
         if self.teacher is None:

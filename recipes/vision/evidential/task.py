@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from papertrain.classification import ClassificationTask
 from papertrain.errors import PapertrainError
 from papertrain.recipes.vision.evidential.model import LOSSES, evidential_loss, opinion, rotate, to_evidence
 
@@ -22,14 +23,12 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-class EvidentialTask:
+class EvidentialTask(ClassificationTask):
     """loss:            mse (eq. 5, the paper's main choice), log (eq. 3) or digamma (eq. 4)
     evidence:        relu (the paper), softplus or exp
     annealing_steps: λ_t = min(1, t / annealing_steps), t = optimizer steps so far (the paper: 10 epochs)
     rotated_digit:   the digit whose rotations the sample plots (the paper's Fig. 3 rotates a "1")
     """
-
-    unit = "samples"
 
     def __init__(self, loss: str = "mse", evidence: str = "relu", annealing_steps: int = 1000,
                  rotated_digit: int = 1):
@@ -44,11 +43,10 @@ class EvidentialTask:
                                   "use e.g. the steps of a few epochs (the paper: 10 epochs); 0 = λ_t = 1 from the start")
         self.loss_name, self.evidence, self.annealing_steps = loss, evidence, annealing_steps
         self.rotated_digit = rotated_digit
+        super().__init__()
 
     def prepare(self, model: nn.Module, data: Any) -> None:
-        if getattr(model, "num_classes", data.num_classes) != data.num_classes:
-            raise PapertrainError(f"model.num_classes={model.num_classes} but {data.dataset} has {data.num_classes} "
-                                  "classes", f"set model.num_classes={data.num_classes}")
+        super().prepare(model, data)  # the model's classes are the data's
         if not hasattr(model, "trained_steps"):
             raise PapertrainError(f"{type(model).__name__} does not count its training steps (trained_steps), "
                                   "which the KL annealing λ_t needs", "use model._component_: "
@@ -76,9 +74,6 @@ class EvidentialTask:
         return {"loss": loss, "accuracy": parts["accuracy"], "uncertainty": parts["uncertainty"],
                 "uncertainty_correct": (float(u[correct].sum()), float(correct.sum())),
                 "uncertainty_wrong": (float(u[~correct].sum()), float((~correct).sum()))}
-
-    def count(self, batch: dict[str, torch.Tensor]) -> int:
-        return len(batch["label"])
 
     # -- Fig. 3 ---------------------------------------------------------------------------------------
     def rotation_curve(self, model: nn.Module, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
