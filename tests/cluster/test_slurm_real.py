@@ -201,8 +201,13 @@ def test_preempted_job_requeues_and_resumes_exactly(cluster: Path) -> None:
 
 
 def test_time_limit_saves_requeues_and_resumes_exactly(cluster: Path) -> None:
-    """--time 1 with USR2 40 s before it: Slurm signals the job ~20 s in, and again after each requeue."""
-    [job] = submit(*LONG, "--time", "1", "--signal-delay", "40", "--run-dir", str(cluster / "timed"))
+    """--time 1 with USR2 40 s before it: Slurm signals the job ~20 s in, and again after each requeue.
+    How many ~20 s allocations the 12,000 steps need depends on the machine's speed (4 or 5 on 2 cores), so
+    the profile allows more requeues than the default 3."""
+    profile = cluster / "localhost-patient.yaml"
+    profile.write_text((REPO / "cluster" / "localhost.yaml").read_text() + "max_timeouts: 10\n")
+    [job] = submit(*LONG, "--cluster", str(profile), "--time", "1", "--signal-delay", "40",
+                   "--run-dir", str(cluster / "timed"))
     assert wait([job], timeout_s=500) == {job: "COMPLETED"}, log_of(job)
     log = log_of(job)
     assert "this job is timed-out" in log and "requeued 1 time(s)" in log, log
