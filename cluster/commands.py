@@ -90,7 +90,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
                                           "mem", "time", "account", "qos", "constraint", "sbatch",
                                           "signal_delay_s", "max_parallel")}
     profile = apply_flags(load_profile(args.cluster), flags)
-    plan = make_plan(args.target, args.overrides, args.sweep, profile, args.run_dir, args.local)
+    plan = make_plan(args.target, args.overrides, args.sweep, profile, args.run_dir, args.local, args.trust)
     runs = "\n".join(f"  {run_dir}" + (f"   ({' '.join(point.overrides)})" if point.overrides else "")
                      for point, run_dir in zip(plan.points, plan.run_dirs))
     if args.dry_run:

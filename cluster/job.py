@@ -36,6 +36,7 @@ class TrainingJob:
     run_dir: str
     workdir: str
     env: dict[str, str] = field(default_factory=dict)
+    trust: list[str] = field(default_factory=list)  # --trust on the submitting command line
 
     def __post_init__(self) -> None:
         self._trainer: Any = None
@@ -66,7 +67,7 @@ class TrainingJob:
             print(f"papertrain: job {job.job_id}, task {job.global_rank} of {job.num_tasks} on {job.hostname}"
                   + (f", requeued {restarts} time(s)" if restarts else ""), flush=True)
 
-        config = load_config(Path(self.target), self.overrides)
+        config = load_config(Path(self.target), self.overrides, trust=self.trust)
         self._trainer = Trainer(config, Path(self.run_dir))
         if self._signals:  # it came while we were starting up
             self._trainer.stop.request(self._signals[0])
@@ -96,7 +97,7 @@ class TrainingJob:
         import submitit
 
         return submitit.helpers.DelayedSubmission(TrainingJob(self.target, self.overrides, self.run_dir,
-                                                              self.workdir, self.env))
+                                                              self.workdir, self.env, self.trust))
 
 
 def export_rendezvous(job: Any) -> None:

@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +40,11 @@ class Plan:
     folder: Path           # submitit's folder: pickles and logs
     profile: ClusterProfile
     local: bool
+    trust: list[str] = field(default_factory=list)
 
     def job_for(self, index: int) -> TrainingJob:
         return TrainingJob(str(self.config_path), [*self.overrides, *self.points[index].overrides],
-                           str(self.run_dirs[index]), os.getcwd(), dict(self.profile.env))
+                           str(self.run_dirs[index]), os.getcwd(), dict(self.profile.env), list(self.trust))
 
 
 def apply_flags(profile: ClusterProfile, flags: dict[str, Any]) -> ClusterProfile:
@@ -57,7 +58,7 @@ def apply_flags(profile: ClusterProfile, flags: dict[str, Any]) -> ClusterProfil
 
 
 def make_plan(target: str, overrides: list[str], sweep: list[str], profile: ClusterProfile,
-              run_dir: Path | None, local: bool) -> Plan:
+              run_dir: Path | None, local: bool, trust: list[str] = ()) -> Plan:
     """Resolve the recipe, validate the config of every sweep element, and pick the run directories."""
     from papertrain.catalog import resolve_target
     from papertrain.config import load_config
@@ -72,7 +73,7 @@ def make_plan(target: str, overrides: list[str], sweep: list[str], profile: Clus
     configs = []
     for point in points:
         try:
-            configs.append(load_config(config_path, [*overrides, *point.overrides]))
+            configs.append(load_config(config_path, [*overrides, *point.overrides], trust=list(trust)))
         except PapertrainError as err:
             if point.label:
                 err.message = f"sweep element {point.label}: {err.message}"
@@ -88,7 +89,7 @@ def make_plan(target: str, overrides: list[str], sweep: list[str], profile: Clus
         default = default.with_name(default.name + "-sweep")  # one sub-folder per element
     root = (run_dir or default).resolve()
     run_dirs = [root / point.label if point.label else root for point in points]
-    return Plan(name, config_path.resolve(), overrides, points, run_dirs, root / "slurm", profile, local)
+    return Plan(name, config_path.resolve(), overrides, points, run_dirs, root / "slurm", profile, local, list(trust))
 
 
 def slurm_parameters(plan: Plan) -> dict[str, Any]:

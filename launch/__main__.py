@@ -17,7 +17,6 @@ from __future__ import annotations
 import re
 import sys
 
-from papertrain.cli import main
 
 
 def strip_launcher_arguments(argv: list[str]) -> list[str]:
@@ -36,4 +35,9 @@ def strip_launcher_arguments(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
+    from papertrain.launcher import die_with_parent
+
+    die_with_parent()  # first thing: a killed launcher must not leave this process training on its own
+    from papertrain.cli import main
+
     raise SystemExit(main(["run", *strip_launcher_arguments(sys.argv[1:])]))

@@ -33,6 +33,10 @@ def _offline_and_isolated(tmp_path_factory: pytest.TempPathFactory, monkeypatch:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))
 
 
+class TrustedSGD(torch.optim.SGD):
+    """An optimizer outside papertrain and torch: a config may name it only with `trust: [conftest]`."""
+
+
 def gpt_config_path() -> Path:
     return RECIPES / "transformers" / "gpt" / "tiny.yaml"
 

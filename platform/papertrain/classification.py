@@ -12,13 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from papertrain.config.constraints import PositiveInt
 from papertrain.errors import PapertrainError
 
 
 class ClassificationTask:
     unit = "samples"
 
-    def __init__(self, sample_images: int = 16):
+    def __init__(self, sample_images: PositiveInt = 16):
         self.sample_images = sample_images
 
     def prepare(self, model: nn.Module, data: Any) -> None:

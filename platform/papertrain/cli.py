@@ -17,6 +17,7 @@ RECIPE is a name from `papertrain ls` (`gpt`), optionally with a config (`gpt:ti
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -26,6 +27,7 @@ from papertrain.errors import PapertrainError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+DISK_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,12 +51,20 @@ def main(argv: list[str] | None = None) -> int:
         if err.hint:
             print(f"  fix: {err.hint}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:  # a second Ctrl-C: stopped at once (papertrain.stopping.Interrupted says more)
+        print(f"\n{err}" if str(err) else "\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as err:  # the disk, not papertrain: full, read-only, permissions (checkpoints say more)
+        if err.errno not in DISK_ERRORS:
+            raise
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"error: {err.strerror}{where}", file=sys.stderr)
+        print("  fix: free disk space, or make the folder writable (or use another --run-dir), then run the same "
+              "command again: a run resumes from its last checkpoint", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,11 +105,19 @@ def build_parser() -> argparse.ArgumentParser:
     compare.set_defaults(handler=cmd_compare)
 
     launch = commands.add_parser(
-        "launch", help="train on N processes of this machine (torchrun underneath)",
-        description="Start N processes of `python -m papertrain.launch` with torchrun on this machine. The config "
-                    "is checked first; the strategy must be a multi-process one (e.g. strategy=fsdp2), and each "
-                    "rank verifies that the job really has N processes.")
-    launch.add_argument("--nproc", type=int, required=True, help="processes (one per GPU on a GPU machine)")
+        "launch", help="train on N processes of this machine (and M machines)",
+        description="Start N processes of `python -m papertrain.launch` on this machine, with the environment "
+                    "torchrun would give them (RANK, WORLD_SIZE, MASTER_ADDR, ...). The config is checked first; the "
+                    "strategy must be a multi-process one (e.g. strategy=fsdp2), and each rank verifies that the job "
+                    "really has them all. Ctrl-C stops every rank at the same step with a checkpoint (exit 130); the "
+                    "workers die with the launcher. On several machines, run the same command on each with its "
+                    "--node-rank.")
+    launch.add_argument("--nproc", type=int, required=True, help="processes on this machine (one per GPU)")
+    launch.add_argument("--nnodes", type=int, default=1, help="machines in the job (default 1)")
+    launch.add_argument("--node-rank", type=int, default=0, help="this machine's number, 0 .. nnodes-1")
+    launch.add_argument("--master-addr", help="address of node 0, where the ranks meet (default: this machine)")
+    launch.add_argument("--master-port", type=int, help="a free port on node 0 (default: any free port; 29500 "
+                                                        "with several nodes)")
     _add_target(launch)
     launch.add_argument("--run-dir", type=Path, help="where the run is written (default: runs/<name>)")
     launch.set_defaults(handler=cmd_launch)
@@ -115,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=["safetensors"], default="safetensors", help="file format")
     export.add_argument("--layout", choices=["auto", "hf", "papertrain"], default="auto",
                         help="key names: Hugging Face's where the recipe has them (auto), or ours")
+    _add_trust(export)
     export.set_defaults(handler=cmd_export)
 
     plan = commands.add_parser(
@@ -173,6 +192,13 @@ def _add_target(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("target", help="recipe name (e.g. gpt, gpt:tiny) or path to a YAML config")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides, e.g. trainer.max_steps=200 model.n_layers=4; ~key deletes")
+    _add_trust(parser)
+
+
+def _add_trust(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust", action="append", default=[], metavar="PACKAGE",
+                        help="let `_component_` name classes of PACKAGE (besides papertrain's and torch's building "
+                             "blocks); repeatable. Never os, subprocess, builtins and the like")
 
 
 def _version() -> str:
@@ -210,7 +236,7 @@ def _load(args: argparse.Namespace):
     from papertrain.config import load_config
 
     path, recipe = resolve_target(args.target)
-    return load_config(path, args.overrides), recipe
+    return load_config(path, args.overrides, trust=args.trust), recipe
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -279,30 +305,38 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    if args.nproc < 1:
-        raise PapertrainError(f"--nproc must be at least 1, got {args.nproc}")
+    from papertrain.launcher import launch
+
+    for flag, value, least in (("--nproc", args.nproc, 1), ("--nnodes", args.nnodes, 1), ("--node-rank", args.node_rank, 0)):
+        if value < least:
+            raise PapertrainError(f"{flag} must be at least {least}, got {value}")
+    if args.node_rank >= args.nnodes:
+        raise PapertrainError(f"--node-rank {args.node_rank} with --nnodes {args.nnodes}",
+                              f"number the machines 0 .. {args.nnodes - 1}")
+    if args.nnodes > 1 and not args.master_addr:
+        raise PapertrainError("--nnodes > 1 needs --master-addr: the address of node 0, where the ranks meet",
+                              "e.g. --master-addr node0 --master-port 29500 on every machine")
+    world = args.nproc * args.nnodes
     overrides = list(args.overrides)
     if not any(o.startswith("strategy.world_size=") for o in overrides):
-        overrides.append(f"strategy.world_size={args.nproc}")
+        overrides.append(f"strategy.world_size={world}")
     args.overrides = overrides
     config, _ = _load(args)  # every config problem now, not N times from N processes
-    if args.nproc > 1 and config.run.strategy.name == "single":
-        raise PapertrainError(f"strategy=single trains one process, not {args.nproc}",
+    if world > 1 and config.run.strategy.name == "single":
+        raise PapertrainError(f"strategy=single trains one process, not {world}",
                               "add strategy=ddp, strategy=fsdp2 or strategy=deepspeed")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-               "-m", "papertrain.launch", args.target, *overrides]
+    worker_argv = [args.target, *overrides, *(f"--trust={t}" for t in args.trust)]
     if args.run_dir:
-        command += ["--run-dir", str(args.run_dir)]
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
-    print("launching: " + " ".join(command[2:]), flush=True)
-    os.execv(sys.executable, command)
-    return 0  # not reached: this process becomes torchrun
+        worker_argv += ["--run-dir", str(args.run_dir)]
+    where = f" on node {args.node_rank} of {args.nnodes}" if args.nnodes > 1 else ""
+    print(f"launching {args.nproc} process(es){where}: papertrain.launch {' '.join(worker_argv)}", flush=True)
+    return launch(worker_argv, args.nproc, args.nnodes, args.node_rank, args.master_addr, args.master_port)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from papertrain.export import export
 
-    folder, layout = export(args.run_dir, args.step, args.out, args.layout)
+    folder, layout = export(args.run_dir, args.step, args.out, args.layout, trust=args.trust)
     files = ", ".join(sorted(p.name for p in folder.iterdir()))
     print(f"exported {args.run_dir} -> {folder} ({layout} layout: {files})")
     return 0
@@ -323,7 +357,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise PapertrainError(f"--max-new-tokens {args.max_new_tokens}", "give a positive number of tokens")
-    generator = load_for_generation(args.target, args.overrides, args.device, args.step)
+    generator = load_for_generation(args.target, args.overrides, args.device, args.step, trust=args.trust)
     print(f"[{generator.source} on {generator.device}]", file=sys.stderr)
     figures = generate_text(generator, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                             args.seed)

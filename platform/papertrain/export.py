@@ -4,20 +4,23 @@ Sharded checkpoints (FSDP2 on N ranks), plain ones (one process, DDP) and DeepSp
 files all become the full weights, in one `model.safetensors`. Where the recipe knows a Hugging Face
 layout (its package has an `hf` module with `save_hf_directory(model, folder)`, as GPT does), the
 file uses HF's key names and gets a `config.json`, so `AutoModelForCausalLM.from_pretrained(folder)`
-loads it. Nothing is unpickled on the way.
+loads it.
+
+A run directory is data: its config.yaml is validated like any config (a run directory cannot extend
+the components a config may name), its checkpoint is verified, and the format named in meta.json is
+looked up in the strategies' fixed table, all before anything is built or written. Nothing is
+unpickled on the way.
 """
 
 from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
-import yaml
 
-from papertrain.checkpoint import (FORMAT, MODEL_DIR, CheckpointDir, single_process_dcp, load_train_state,
-                                   read_meta)
+from papertrain.checkpoint import CheckpointDir, DamagedCheckpoint, verify_checkpoint
 from papertrain.errors import PapertrainError
 
 
@@ -36,71 +39,54 @@ def find_checkpoint(run_dir: Path, step: int | None) -> Path:
 
 def full_weights(folder: Path) -> dict[str, torch.Tensor]:
     """The complete weights of a checkpoint, whatever wrote it (tied weights under every name)."""
-    meta = read_meta(folder)
-    written_by = meta.get("format", FORMAT)
-    if written_by == FORMAT:
-        return _from_dcp(folder)
-    if written_by == "deepspeed":
-        return _from_deepspeed(folder)
-    module_name = meta.get("consolidate")
-    if module_name:  # a strategy with its own format names the function that reads it
-        return importlib.import_module(module_name).consolidate(folder)
-    raise PapertrainError(f"cannot read checkpoint format '{written_by}' in {folder}")
+    from papertrain.strategies import STRATEGIES, checkpoint_formats, strategy_class
+
+    meta = verify_checkpoint(folder, set(checkpoint_formats()))
+    if meta["strategy"] not in STRATEGIES:
+        raise DamagedCheckpoint(folder, "meta.json", f"names strategy '{meta['strategy']}', which papertrain does "
+                                                     f"not have ({', '.join(STRATEGIES)})")
+    reader = strategy_class(meta["strategy"])
+    if reader.checkpoint_format != meta["format"]:
+        raise DamagedCheckpoint(folder, "meta.json", f"says format '{meta['format']}', but strategy "
+                                                     f"'{meta['strategy']}' writes '{reader.checkpoint_format}'")
+    return reader.full_weights(folder)
 
 
-def _from_dcp(folder: Path) -> dict[str, torch.Tensor]:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import HuggingFaceStorageReader
-
-    reader = HuggingFaceStorageReader(str(folder / MODEL_DIR))
-    metadata = reader.read_metadata()
-    weights = {key: torch.empty(info.size, dtype=info.properties.dtype)
-               for key, info in metadata.state_dict_metadata.items()}
-    with single_process_dcp():
-        dcp.load(weights, storage_reader=HuggingFaceStorageReader(str(folder / MODEL_DIR)))
-    for alias, original in load_train_state(folder).get("aliases", {}).items():
-        weights[alias] = weights[original]
-    return weights
-
-
-def _from_deepspeed(folder: Path) -> dict[str, torch.Tensor]:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from papertrain.strategies.deepspeed_zero import DEEPSPEED_FOLDER, weights_only_loads
-
-    with weights_only_loads():
-        return dict(get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=DEEPSPEED_FOLDER))
-
-
-def export(run_dir: Path, step: int | None = None, out: Path | None = None, layout: str = "auto") -> tuple[Path, str]:
+def export(run_dir: Path, step: int | None = None, out: Path | None = None, layout: str = "auto",
+           trust: Sequence[str] = ()) -> tuple[Path, str]:
     """Write the consolidated weights; returns (folder written, layout used: "hf" or "papertrain")."""
     from safetensors.torch import save_file
 
-    from papertrain.config import instantiate
+    from papertrain.rundir import load_run_config
 
+    config = load_run_config(run_dir, trust=trust)  # validated before anything is built
     folder = find_checkpoint(run_dir, step)
     weights = full_weights(folder)
-    out = out or run_dir / "export"
-    out.mkdir(parents=True, exist_ok=True)
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    hf = _hf_module(config["model"]["_component_"]) if layout in ("auto", "hf") else None
+    component = config.tree["model"]["_component_"]
+    hf = _hf_module(component) if layout in ("auto", "hf") else None
     if layout == "hf" and hf is None:
-        raise PapertrainError(f"{config['model']['_component_']} has no Hugging Face layout",
-                              "use --layout papertrain (our own key names)")
+        raise PapertrainError(f"{component} has no Hugging Face layout", "use --layout papertrain (our own key names)")
+    out = out or run_dir / "export"
     if hf is not None:
         with torch.device("meta"):
-            model = instantiate(config["model"])
+            model = config.build("model")
         model.load_state_dict(weights, assign=True, strict=True)
+        out.mkdir(parents=True, exist_ok=True)
         hf.save_hf_directory(model, out)
         return out, "hf"
-    save_file(_dedupe(weights), str(out / "model.safetensors"), metadata={"format": "pt", "step": str(read_meta(folder)["step"])})
+    out.mkdir(parents=True, exist_ok=True)
+    step_of = folder.name.removeprefix("step_").lstrip("0") or "0"
+    save_file(_dedupe(weights), str(out / "model.safetensors"), metadata={"format": "pt", "step": step_of})
     return out, "papertrain"
 
 
 def _hf_module(component: str) -> Any | None:
-    package = component.rsplit(".", 2)[0]  # papertrain.recipes.transformers.gpt(.model.GPT)
+    """The recipe's `hf` module (papertrain.recipes.<family>.<paper>.hf), if it has one."""
+    parts = component.split(".")
+    if parts[:2] != ["papertrain", "recipes"] or len(parts) < 5:
+        return None
     try:
-        module = importlib.import_module(f"{package}.hf")
+        module = importlib.import_module(".".join(parts[:4] + ["hf"]))
     except ModuleNotFoundError:
         return None
     return module if hasattr(module, "save_hf_directory") else None

@@ -18,7 +18,7 @@ from typing import TextIO
 import torch
 from torch import nn
 
-from papertrain.config import LoadedConfig, instantiate, load_config
+from papertrain.config import LoadedConfig, load_config
 from papertrain.errors import PapertrainError
 
 
@@ -30,9 +30,8 @@ class Generator:
     source: str
 
 
-def load_for_generation(target: str, overrides: list[str], device: str = "auto", step: int | None = None
-                        ) -> Generator:
-    from papertrain.data.tokenizers import tokenizer_from_json
+def load_for_generation(target: str, overrides: list[str], device: str = "auto", step: int | None = None,
+                        trust: list[str] = ()) -> Generator:
     from papertrain.modelbuild import model_builder
     from papertrain.seeding import seed_everything
     from papertrain.strategies.base import pick_device
@@ -41,27 +40,44 @@ def load_for_generation(target: str, overrides: list[str], device: str = "auto",
     chosen = pick_device(device)
     from_run = (run_dir / "config.yaml").is_file()
     if from_run:
-        config = load_config(run_dir / "config.yaml", overrides)
+        from papertrain.rundir import load_run_config
+
+        config = load_run_config(run_dir, overrides, trust=trust)  # validated: a run directory is data
     else:
         from papertrain.catalog import resolve_target
 
-        config = load_config(resolve_target(target)[0], overrides)
+        config = load_config(resolve_target(target)[0], overrides, trust=trust)
         if config.run.pretrained is None:
             raise PapertrainError(f"{target}: its model has no pretrained weights, so it would generate from "
                                   "random initialisation", f"train it first (papertrain run {target}) and pass the "
                                   "run directory, or set pretrained.path=...")
     seed_everything(config.run.seed)  # a frozen random base (no pretrained weights) is rebuilt from the seed
-    model = model_builder(config.run, chosen, "single", "fp32", training=False)()
+    model = model_builder(config, chosen, "single", "fp32", training=False)()
     if from_run:
         folder = _load_checkpoint(model, run_dir, step)
         tokenizer_file = run_dir / "tokenizer.json"
-        tokenizer = (tokenizer_from_json(json.loads(tokenizer_file.read_text())) if tokenizer_file.is_file()
-                     else _tokenizer_of(config))
+        tokenizer = _saved_tokenizer(tokenizer_file) if tokenizer_file.is_file() else _tokenizer_of(config)
         source = f"{run_dir} (step {folder.name.split('_')[-1].lstrip('0') or '0'})"
     else:
         tokenizer = _tokenizer_of(config)
         source = f"{config.source} with weights from {config.run.pretrained.path}"
     return Generator(model.to(chosen).eval(), tokenizer, chosen, source)
+
+
+def _saved_tokenizer(path: Path):
+    """A run's tokenizer.json (data: a vocabulary, or the names of tokenizer files), with one clear error."""
+    from papertrain.data.tokenizers import tokenizer_from_json
+
+    try:
+        state = json.loads(path.read_bytes().decode("utf-8"))
+        if not isinstance(state, dict):
+            raise ValueError(f"holds a {type(state).__name__}, not an object")
+        return tokenizer_from_json(state)
+    except PapertrainError:
+        raise
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, OSError) as err:
+        raise PapertrainError(f"{path} is damaged: {type(err).__name__}: {err}",
+                              "restore it, or delete it to rebuild the tokenizer from the run's data section") from None
 
 
 def _tokenizer_of(config: LoadedConfig):
@@ -70,7 +86,7 @@ def _tokenizer_of(config: LoadedConfig):
         from papertrain.data.tokenizers import build_tokenizer
 
         return build_tokenizer(data["tokenizer"], path=data.get("tokenizer_path"))
-    built = instantiate(data)  # a character vocabulary is read from the corpus itself
+    built = config.build("data")  # a character vocabulary is read from the corpus itself
     tokenizer = getattr(built, "tokenizer", None)
     if tokenizer is None:
         raise PapertrainError(f"{config.source}: the data section has no tokenizer to encode the prompt with",

@@ -67,12 +67,15 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     events = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill: skip it
+    for raw in path.read_bytes().splitlines():
+        if not raw.strip():
+            continue
+        try:
+            event = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            continue  # a line cut short by a kill, or bytes some other program appended: skip it
+        if isinstance(event, dict):
+            events.append(event)
     return events
 
 

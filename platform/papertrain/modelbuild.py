@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from papertrain.config import instantiate
+from papertrain.config import LoadedConfig
 from papertrain.config.schema import FinetuneConfig, QuantConfig, RunConfig
 from papertrain.errors import PapertrainError
 from papertrain.pretrained import DTYPES, load_weights
@@ -87,18 +87,19 @@ def freeze(model: nn.Module, finetune: FinetuneConfig | None) -> None:
                 parameter.data = parameter.data.float()
 
 
-def model_builder(run: RunConfig, device: torch.device, strategy_name: str, precision: str,
+def model_builder(config: LoadedConfig, device: torch.device, strategy_name: str, precision: str,
                   training: bool = True, prune: Callable[[nn.Module], None] | None = None
                   ) -> Callable[[], nn.Module]:
     """The function the strategy calls to build this config's model (see the module docstring).
     `prune` (a pipeline's) drops the modules of other stages before any weight is loaded."""
+    run = config.run
     if run.pretrained is None and run.quant is None and run.finetune is None and prune is None:
-        return lambda: instantiate(run.model)
+        return lambda: config.build("model")
     check_combination(run, strategy_name, precision, training)
 
     def build() -> nn.Module:
         if run.pretrained is None:
-            model = instantiate(run.model)  # the same seed on every rank: every stage the same weights
+            model = config.build("model")  # the same seed on every rank: every stage the same weights
             if prune is not None:
                 prune(model)
             if run.quant is not None:
@@ -107,7 +108,7 @@ def model_builder(run: RunConfig, device: torch.device, strategy_name: str, prec
             # sharding strategies take a whole CPU model and move each shard; the others load in place
             target = device if strategy_name in ("single", "ddp", "pipeline") else torch.device("cpu")
             with torch.device("meta"):
-                model = instantiate(run.model)
+                model = config.build("model")
             if prune is not None:
                 prune(model)
             convert = (lambda block: quantize(block, run.quant)) if run.quant is not None else None

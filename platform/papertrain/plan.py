@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from papertrain.config import LoadedConfig, instantiate
+from papertrain.config import LoadedConfig
 from papertrain.errors import PapertrainError
 
 GIB = 2**30
@@ -61,7 +61,7 @@ def model_facts(config: LoadedConfig) -> ModelFacts:
     from papertrain.strategies.base import blocks_of
 
     with torch.device("meta"):
-        model = instantiate(config.run.model)
+        model = config.build("model")
     unique = {id(p): p for p in model.parameters()}
     blocks = blocks_of(model)
     linears = [m for b in blocks for m in b.modules() if isinstance(m, torch.nn.Linear)]

@@ -7,9 +7,12 @@ continues the curve exactly. Step t (0-based) is the t-th optimizer update.
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 from torch.optim.lr_scheduler import LRScheduler
+
+from papertrain.config.constraints import NonNegativeInt, PositiveInt, Probability, Range
 
 
 class WarmupCosine(LRScheduler):
@@ -22,8 +25,8 @@ class WarmupCosine(LRScheduler):
     with W = warmup_steps, S = total_steps, r = min_lr_ratio.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
-                 min_lr_ratio: float = 0.1, last_epoch: int = -1):
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: NonNegativeInt, total_steps: PositiveInt,
+                 min_lr_ratio: Probability = 0.1, last_epoch: Annotated[int, Range(ge=-1)] = -1):
         if total_steps <= 0 or warmup_steps < 0:
             raise ValueError(f"need total_steps > 0 and warmup_steps >= 0, got {total_steps}, {warmup_steps}")
         self.warmup_steps = warmup_steps
@@ -53,8 +56,8 @@ class Noam(LRScheduler):
     other values scale it (the "factor" of later implementations).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, d_model: int, warmup_steps: int = 4000,
-                 last_epoch: int = -1):
+    def __init__(self, optimizer: torch.optim.Optimizer, d_model: PositiveInt, warmup_steps: PositiveInt = 4000,
+                 last_epoch: Annotated[int, Range(ge=-1)] = -1):
         if d_model <= 0 or warmup_steps <= 0:
             raise ValueError(f"need d_model > 0 and warmup_steps > 0, got {d_model}, {warmup_steps}")
         self.d_model = d_model

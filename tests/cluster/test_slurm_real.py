@@ -3,8 +3,9 @@
 
 A single job; a 2-task FSDP2 job whose losses equal one process's; a 2-element sweep as a job array;
 a job preempted with submitit's `job._interrupt()` and one that reaches its time limit, each of which
-saves, requeues itself and resumes from its checkpoint to the same losses as an uninterrupted run; and
-bad input refused before anything reaches the queue.
+saves, requeues itself and resumes from its checkpoint to the same losses as an uninterrupted run; a task
+killed with SIGKILL and a job sent SIGTERM alone, each ending the job with its checkpoints intact and
+resuming exactly when submitted again; and bad input refused before anything reaches the queue.
 """
 
 from __future__ import annotations
@@ -230,3 +231,74 @@ def test_bad_input_never_reaches_the_queue(cluster: Path, capsys: pytest.Capture
     assert not (cluster / "jobs.jsonl").exists()
     queue = subprocess.run(["squeue", "-h"], capture_output=True, text=True, check=True).stdout
     assert queue.strip() == "", queue
+
+
+# -- a task killed outright, or sent SIGTERM alone ----------------------------------------------------------
+# 2 DDP tasks that checkpoint every 500 steps: long enough (~30 s) to be interrupted mid-run
+KILLABLE = [*QUICK, "trainer.max_steps=3000", "trainer.log_every=100", "trainer.checkpoint_every=500",
+            "strategy=ddp", "--tasks-per-node", "2"]
+_killable_reference: dict[str, dict[int, float]] = {}
+
+
+def killable_reference(tmp_path: Path) -> dict[int, float]:
+    if "losses" not in _killable_reference:
+        _killable_reference["losses"] = reference(tmp_path / "ref", [*QUICK, "trainer.max_steps=3000",
+                                                                     "trainer.log_every=100"])
+    return _killable_reference["losses"]
+
+
+def error_log_of(job_id: str) -> str:
+    from papertrain.cluster.registry import find_job
+
+    return find_job(job_id).log(stream="err").read_text()
+
+
+def task_pids(job: str, task: int) -> list[int]:
+    """The processes of one task of a job's first step (from `scontrol listpids`)."""
+    listing = subprocess.run(["scontrol", "listpids", job], capture_output=True, text=True).stdout
+    pids = []
+    for line in listing.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 5 and fields[2] == "0" and fields[4] == str(task):
+            pids.append(int(fields[0]))
+    return pids
+
+
+def test_a_task_killed_with_sigkill_ends_the_job_and_a_resubmission_resumes(cluster: Path) -> None:
+    """kill -9 of one task: its peer notices in its next collective and the job ends (no 30-minute hang);
+    the last checkpoint is intact, and the same command submitted again resumes from it, exactly."""
+    run_dir = cluster / "killed"
+    [job] = submit(*KILLABLE, "--run-dir", str(run_dir))
+    wait_for_step(job, 1100)
+    pids = task_pids(job, 1)
+    assert pids, subprocess.run(["scontrol", "listpids", job], capture_output=True, text=True).stdout
+    for pid in pids:
+        os.kill(pid, 9)
+    state = wait([job], timeout_s=300)[job]
+    assert state.split()[0] in ("FAILED", "CANCELLED", "NODE_FAIL"), (state, log_of(job))
+    saved = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*"))
+    assert saved and saved[-1] >= 1000
+    [again] = submit(*KILLABLE, "--run-dir", str(run_dir))
+    assert wait([again]) == {again: "COMPLETED"}, log_of(again)
+    assert resumed_step(log_of(again)) == [saved[-1]]
+    one = killable_reference(cluster)
+    assert max(abs(losses(run_dir)[k] - one[k]) for k in one) <= 1e-5
+
+
+def test_sigterm_alone_saves_at_that_step_and_a_resubmission_resumes(cluster: Path) -> None:
+    """`scancel --signal=TERM` (a cancel, or the first signal of a preempting scheduler): every task stops at
+    the same step with a checkpoint and the job ends; the same command submitted again resumes from it."""
+    run_dir = cluster / "terminated"
+    [job] = submit(*KILLABLE, "trainer.checkpoint_every=0", "--run-dir", str(run_dir))
+    wait_for_step(job, 1000)
+    subprocess.run(["scancel", "--signal=TERM", job], check=True)  # to the job step's tasks, not the batch shell
+    state = wait([job], timeout_s=300)[job]
+    errors = error_log_of(job)
+    assert state == "COMPLETED" and "SIGTERM: finishing this step" in errors, (state, errors[-3000:])
+    [stopped] = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*"))
+    assert 1000 <= stopped < 3000 and f"interrupted at step {stopped}" in errors
+    [again] = submit(*KILLABLE, "trainer.checkpoint_every=0", "--run-dir", str(run_dir))
+    assert wait([again]) == {again: "COMPLETED"}, log_of(again)
+    assert resumed_step(log_of(again)) == [stopped]
+    one = killable_reference(cluster)
+    assert max(abs(losses(run_dir)[k] - one[k]) for k in one) <= 1e-5

@@ -154,8 +154,10 @@ def test_locate_and_instantiate_nested_components() -> None:
     assert locate("torch.optim.AdamW") is torch.optim.AdamW
     with pytest.raises(ComponentNotFound, match="did you mean 'Linear'"):
         locate("torch.nn.Linaer")
-    with pytest.raises(ComponentNotFound, match="no module named"):
+    with pytest.raises(ComponentNotFound, match="outside what a config may build from"):
         locate("nonexistent_package_xyz.Thing")
+    with pytest.raises(ComponentNotFound, match="'papertrain.recipes' has no 'nonexistent_family_xyz'"):
+        locate("papertrain.recipes.nonexistent_family_xyz.Thing")
     built = instantiate({"_component_": "torch.nn.Linear", "in_features": 2, "out_features": 3})
     assert isinstance(built, torch.nn.Linear) and built.out_features == 3
     nested = instantiate({"_component_": "papertrain.data.tensors.TensorExamples",

@@ -1,4 +1,4 @@
-"""Real launchers start real processes: torchrun (papertrain launch), the deepspeed launcher and
+"""Real launchers start real processes: papertrain launch, the deepspeed launcher and
 accelerate give the same losses as one process; the invocations that do NOT connect processes are
 refused before any training."""
 
@@ -41,7 +41,7 @@ def close(a: list[float], b: list[float]) -> bool:
 
 
 @pytest.mark.slow
-def test_papertrain_launch_runs_torchrun(tmp_path: Path, reference: list[float]) -> None:
+def test_papertrain_launch_runs_two_connected_ranks(tmp_path: Path, reference: list[float]) -> None:
     result = command(str(BIN / "papertrain"), "launch", "--nproc", "2", "gpt", "strategy=fsdp2", *FIVE,
                      "--run-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]

@@ -52,3 +52,47 @@ def test_every_recipe_is_verified_and_its_readme_reports_the_measurement(folder:
 
 def test_recipe_names_are_unique() -> None:
     assert len(discover()) == len(RECIPE_DIRS)
+
+
+def _numeric_without_a_range(annotation) -> bool:
+    """An int or float hint (alone, optional, or in a list/tuple) that carries no Range."""
+    import types
+    import typing
+
+    from papertrain.config.constraints import Range
+
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        base, *extras = typing.get_args(annotation)
+        return not any(isinstance(e, Range) for e in extras) and _numeric_without_a_range(base)
+    if origin in (typing.Union, types.UnionType, list, tuple):
+        return any(_numeric_without_a_range(a) for a in typing.get_args(annotation) if a not in (type(None), Ellipsis))
+    return annotation in (int, float)
+
+
+def _unconstrained(section, found: set[str]) -> None:
+    import inspect
+    import typing
+
+    from papertrain.config import locate
+    from papertrain.config.constraints import known_bounds
+
+    if not isinstance(section, dict):
+        return
+    if "_component_" in section:
+        target = locate(section["_component_"])
+        hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target, include_extras=True)
+        for name, parameter in inspect.signature(target).parameters.items():
+            hint = hints.get(name, parameter.annotation)
+            if name not in ("params", "optimizer") and _numeric_without_a_range(hint) and not known_bounds(target, name):
+                found.add(f"{section['_component_']}.{name}")
+    for value in section.values():
+        _unconstrained(value, found)
+
+
+def test_every_numeric_setting_of_every_shipped_component_has_its_constraint() -> None:
+    """So `papertrain validate` refuses 0 layers or a dropout of 1.5 before any work (config/constraints.py)."""
+    found: set[str] = set()
+    for path in CONFIGS:
+        _unconstrained(load_config(path).tree, found)
+    assert not found, "give these a Range (papertrain.config.constraints): " + ", ".join(sorted(found))

@@ -321,8 +321,12 @@ def test_export_errors_are_clear(tmp_path: Path, single_process: Path) -> None:
     from papertrain.errors import PapertrainError
     from papertrain.export import export
 
-    with pytest.raises(PapertrainError, match="has no checkpoints"):
+    with pytest.raises(PapertrainError, match="has no config.yaml, so it is not a run directory"):
         export(tmp_path)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text((single_process / "config.yaml").read_text())
+    with pytest.raises(PapertrainError, match="has no checkpoints"):
+        export(tmp_path / "run")
     with pytest.raises(PapertrainError, match="no checkpoint of step 999"):
         export(single_process, step=999, out=tmp_path / "x")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -95,12 +96,23 @@ def test_belief_and_uncertainty_sum_to_one_and_no_evidence_is_total_uncertainty(
 def test_annealing_grows_linearly_with_the_training_steps_and_stops_at_one() -> None:
     model, task = EvidentialLeNet(channels=(2, 4), hidden=8), EvidentialTask(annealing_steps=4)
     batch = {"image": torch.rand(3, 1, 28, 28), "label": torch.tensor([0, 1, 2])}
-    seen = [float(task.loss(model.train(), batch)[1]["annealing"]) for _ in range(6)]
+    seen = [float(task.loss(model.train(), batch, SimpleNamespace(step=step))[1]["annealing"]) for step in range(6)]
     assert seen == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
-    with torch.no_grad():
-        task.evaluate(model.eval(), batch)  # evaluation does not count as training
-    assert int(model.trained_steps) == 6
-    assert int(model.state_dict()["trained_steps"]) == 6  # checkpointed with the weights
+    assert "trained_steps" not in model.state_dict()  # the step comes from the loop, not a model buffer
+
+
+def test_the_annealing_reads_the_loops_step_and_resumes_with_it(tmp_path: Path) -> None:
+    """λ_t logged by a run equals min(1, t / annealing_steps) for t = 0, 1, ... including after a resume."""
+    quick = ["data.train_examples=256", "data.val_examples=64", "task.annealing_steps=4", "trainer.batch_size=16",
+             "trainer.log_every=1", "trainer.eval_every=0", "trainer.sample_every=-1", "trainer.progress=none",
+             "trainer.plot=false", "trainer.tensorboard=false", "model.channels=[2,4]", "model.hidden=8",
+             "trainer.eval_batches=1"]
+    Trainer(load_config(CONFIG, [*quick, "trainer.max_steps=3", "trainer.checkpoint_every=3"]), tmp_path).run()
+    Trainer(load_config(CONFIG, [*quick, "trainer.max_steps=6"]), tmp_path).run()
+    from papertrain.metrics import read_metrics
+
+    logged = [e["train/annealing"] for e in read_metrics(tmp_path / "metrics.jsonl") if "train/annealing" in e]
+    assert logged == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
 
 
 def test_rotation_by_90_degrees_is_exact_on_the_pixel_grid() -> None:

@@ -342,7 +342,7 @@ def test_the_engines_finetune_lora_section_applies_these_adapters() -> None:
 
     config = load_config(gpt_config_path(), ["model.n_layers=2", "finetune=lora", "finetune.lora.r=2",
                                              "finetune.lora.alpha=4", f"finetune.lora.targets={TARGETS}"])
-    model = model_builder(config.run, torch.device("cpu"), "single", "fp32")()
+    model = model_builder(config, torch.device("cpu"), "single", "fp32")()
     assert len(lora_layers(model)) == 4
     assert all(name.endswith(("lora_A", "lora_B")) for name, p in model.named_parameters() if p.requires_grad)
     with pytest.raises(ConfigError, match="finetune.lora.rank: unknown key; valid keys: alpha, dropout, r, targets"):

@@ -13,6 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
+from papertrain.config.constraints import NonNegativeInt, PositiveFloat, PositiveInt, Range, Seed
 from papertrain.config.validate import Component
 
 
@@ -24,23 +25,23 @@ def _help(text: str, **kwargs: Any) -> Any:
 class TrainerConfig:
     """How the one training loop runs; the same keys for every recipe."""
 
-    max_steps: int = _help("optimizer steps to train for")
-    batch_size: int = _help("GLOBAL batch per optimizer step: summed over ranks and accumulation "
+    max_steps: PositiveInt = _help("optimizer steps to train for")
+    batch_size: PositiveInt = _help("GLOBAL batch per optimizer step: summed over ranks and accumulation "
                             "micro-batches, so the math does not change when you add GPUs")
-    grad_accum_steps: int = _help("micro-batches per optimizer step on each rank", default=1)
-    grad_clip: float | None = _help("clip the global gradient norm to this (null: no clipping)", default=1.0)
+    grad_accum_steps: PositiveInt = _help("micro-batches per optimizer step on each rank", default=1)
+    grad_clip: PositiveFloat | None = _help("clip the global gradient norm to this (null: no clipping)", default=1.0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _help(
         "autocast dtype; auto = bf16 on GPUs that support it, fp32 on CPU", default="auto")
     device: str = _help("auto, cpu, cuda, cuda:N or mps", default="auto")
-    eval_every: int = _help("evaluate every N steps (0: only at the end)", default=0)
-    eval_batches: int = _help("validation batches per evaluation (a fixed subset)", default=10)
-    sample_every: int = _help("write samples every N steps (0: only at the end; -1: never)", default=0)
-    log_every: int = _help("log training metrics every N steps", default=10)
-    checkpoint_every: int = _help("checkpoint every N steps (0: only at the end and on interrupt)", default=0)
-    keep_last: int = _help("checkpoints to keep (older ones are deleted)", default=2)
+    eval_every: NonNegativeInt = _help("evaluate every N steps (0: only at the end)", default=0)
+    eval_batches: PositiveInt = _help("validation batches per evaluation (a fixed subset)", default=10)
+    sample_every: Annotated[int, Range(ge=-1)] = _help("write samples every N steps (0: only at the end; -1: never)", default=0)
+    log_every: PositiveInt = _help("log training metrics every N steps", default=10)
+    checkpoint_every: NonNegativeInt = _help("checkpoint every N steps (0: only at the end and on interrupt)", default=0)
+    keep_last: PositiveInt = _help("checkpoints to keep (older ones are deleted)", default=2)
     deterministic: bool = _help("deterministic kernels (slower; bit-reproducible on CPU)", default=False)
     compile: bool = _help("torch.compile the model", default=False)
-    threads: int | None = _help("CPU threads for torch (null: torch's default)", default=None)
+    threads: PositiveInt | None = _help("CPU threads for torch (null: torch's default)", default=None)
     progress: Literal["auto", "bar", "plain", "none"] = _help(
         "progress bar on a terminal, plain lines otherwise (auto); none: quiet", default="auto")
     tensorboard: bool = _help("also write TensorBoard event files when tensorboard is installed", default=True)
@@ -67,7 +68,7 @@ class StrategyConfig:
                                         default=True)
     async_checkpoint: bool = _help("write checkpoints in the background while training goes on (single, ddp, "
                                    "fsdp2); each appears, renamed into place, once complete", default=False)
-    world_size: int | None = _help("the number of processes this job must have (refuse to train otherwise)",
+    world_size: PositiveInt | None = _help("the number of processes this job must have (refuse to train otherwise)",
                                    default=None)
     deepspeed: dict | None = _help("extra DeepSpeed config keys, merged over the ones papertrain derives",
                                    default=None)
@@ -92,7 +93,7 @@ class QuantConfig:
     backend: Literal["own", "bitsandbytes"] = _help(
         "own: papertrain's annotated implementation (recipes/quantization/llm_int8); bitsandbytes: its "
         "Linear8bitLt", default="own")
-    threshold: float = _help("outlier threshold: input features with any |x| >= this stay in 16 bits (§3.3)",
+    threshold: PositiveFloat = _help("outlier threshold: input features with any |x| >= this stay in 16 bits (§3.3)",
                              default=6.0)
     skip: list[str] = _help("Linear layers kept as they are (name suffixes), e.g. the output projection",
                             default_factory=lambda: ["lm_head", "embed_out"])
@@ -103,9 +104,9 @@ class LoRASettings:
     """LoRA adapters (Hu et al. 2021; recipes/finetune/lora): h = W₀x + (alpha/r)·B A x on each target."""
 
     targets: list[str] = _help("Linear layers to adapt: name suffixes or patterns, e.g. [query_key_value, dense]")
-    r: int = _help("rank of the update B A", default=8)
-    alpha: float = _help("scale: the update is multiplied by alpha / r", default=16.0)
-    dropout: float = _help("dropout on the adapters' input", default=0.0)
+    r: PositiveInt = _help("rank of the update B A", default=8)
+    alpha: PositiveFloat = _help("scale: the update is multiplied by alpha / r", default=16.0)
+    dropout: Annotated[float, Range(ge=0, lt=1)] = _help("dropout on the adapters' input", default=0.0)
     train_biases: bool = _help("train the model's biases as well (the paper freezes them)", default=False)
 
 
@@ -120,8 +121,12 @@ class FinetuneConfig:
 
 
 ModelSection = Annotated[dict, Component()]
-OptimizerSection = Annotated[dict, Component(supplied=("params",))]
+DataSection = Annotated[dict | None, Component()]
+OptimizerSection = Annotated[dict | None, Component(supplied=("params",))]
+NamedOptimizerSection = Annotated[dict, Component(supplied=("params",), engine_keys={"parameters": str})]
 SchedulerSection = Annotated[dict | None, Component(supplied=("optimizer",))]
+NamedSchedulerSection = Annotated[dict, Component(supplied=("optimizer",))]
+CallbackSection = Annotated[dict, Component()]
 
 
 @dataclass
@@ -129,21 +134,33 @@ class RunConfig:
     """A whole recipe config: what to build, and how to train it."""
 
     model: ModelSection = _help("the network: `_component_` plus its constructor arguments")
-    data: ModelSection = _help("the data set: `_component_` plus its arguments; provides .train and .val")
-    task: ModelSection = _help("loss, evaluation and sampling for this recipe")
-    optimizer: OptimizerSection = _help("`_component_` of a torch optimizer (params are supplied)")
+    data: DataSection = _help("the data: a data set with .train and .val, a stateful source with next_batch(ctx) "
+                              "(environments, segment streams), or null (a solver)")
+    task: ModelSection = _help("loss, evaluation and sampling for this recipe (or its own train_step)")
     trainer: TrainerConfig = _help("the training loop's settings")
+    optimizer: OptimizerSection = _help("`_component_` of a torch optimizer over every parameter (params are "
+                                        "supplied); null for a solver, or use `optimizers:` for several", default=None)
+    optimizers: dict[str, NamedOptimizerSection] | None = _help(
+        "several optimizers by name, each over the model part its `parameters:` key names (e.g. generator)",
+        default=None)
     strategy: StrategyConfig = _help("single process, or ddp / fsdp2 / deepspeed across many",
                                      default_factory=StrategyConfig)
     scheduler: SchedulerSection = _help("learning-rate schedule (the optimizer is supplied)", default=None)
+    schedulers: dict[str, NamedSchedulerSection] | None = _help(
+        "a schedule per named optimizer (keys of `optimizers:`)", default=None)
+    callbacks: dict[str, CallbackSection] | None = _help(
+        "code run before/after each step or after evaluation, by name (e.g. EMA weights)", default=None)
     pretrained: PretrainedConfig | None = _help("load these weights into the model before training",
                                                 default=None)
     quant: QuantConfig | None = _help("int8 weights for the model's Linear layers (frozen)", default=None)
     finetune: FinetuneConfig | None = _help("train only part of the model (biases, LoRA adapters)", default=None)
     name: str | None = _help("the recipe's name; also the default run directory runs/<name>", default=None)
-    seed: int = _help("seeds python, numpy and torch; data order derives from it", default=0)
+    seed: Seed = _help("seeds python, numpy and torch; data order derives from it", default=0)
     run_dir: str | None = _help("where metrics, checkpoints and samples go (default runs/<name>)",
                                 default=None)
+    trust: list[str] = _help("packages whose classes `_component_` may name besides papertrain's and torch's "
+                             "building blocks, e.g. [timm] (never os, subprocess, builtins, ...)",
+                             default_factory=list)
 
 
 def build_dataclass(cls: type, values: dict[str, Any]) -> Any:

@@ -19,7 +19,9 @@ import typing
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from papertrain.config.components import COMPONENT_KEY, ComponentNotFound, locate
+from papertrain.config.components import (COMPONENT_KEY, DEFAULT_POLICY, ComponentNotAllowed, ComponentNotFound,
+                                          ComponentPolicy, locate)
+from papertrain.config.constraints import Range, known_bounds, non_finite
 from papertrain.config.yamlfile import Origins, origin_of
 from papertrain.errors import ConfigIssue, did_you_mean
 
@@ -28,15 +30,18 @@ MISSING = "???"  # a value the user must fill in, as in `path: ???`
 
 @dataclass(frozen=True)
 class Component:
-    """Marks a field as a `_component_` section. `supplied`: arguments the engine passes itself."""
+    """Marks a field as a `_component_` section. `supplied`: arguments the engine passes itself;
+    `engine_keys`: keys the engine reads from the section (not passed to the component), with their types."""
 
     supplied: tuple[str, ...] = ()
+    engine_keys: dict[str, Any] | None = None
 
 
 class Validator:
-    def __init__(self, origins: Origins, default_where: str):
+    def __init__(self, origins: Origins, default_where: str, policy: ComponentPolicy = DEFAULT_POLICY):
         self.origins = origins
         self.default_where = default_where
+        self.policy = policy
         self.issues: list[ConfigIssue] = []
 
     # -- reporting -----------------------------------------------------------------------------------
@@ -48,7 +53,7 @@ class Validator:
 
     def passes(self, value: Any, annotation: Any, key: str) -> bool:
         """Check without reporting (for the members of a Union)."""
-        trial = Validator(self.origins, self.default_where)
+        trial = Validator(self.origins, self.default_where, self.policy)
         trial.check(value, annotation, key)
         return not trial.issues
 
@@ -58,6 +63,9 @@ class Validator:
             self.report(key, "required value not set (it is '???'); set it in the file or on the "
                              f"command line: {key}=...")
             return
+        if non_finite(value):
+            self.report(key, f"must be a finite number, got {value!r}")
+            return
         if annotation in (Any, inspect.Parameter.empty, None, object):
             return
         origin = get_origin(annotation)
@@ -65,15 +73,22 @@ class Validator:
             base, *extras = get_args(annotation)
             component = next((e for e in extras if isinstance(e, Component)), None)
             if component is None:
+                before = len(self.issues)
                 self.check(value, base, key)
+                if len(self.issues) == before:
+                    self.bounds(value, [e for e in extras if isinstance(e, Range)], key)
             elif value is None and type(None) in get_args(base):
                 return
             else:
-                self.component(value, key, component.supplied)
+                self.component(value, key, component.supplied, component.engine_keys or {})
             return
         if origin in (Union, types.UnionType):
             members = get_args(annotation)
             if value is None and type(None) in members:
+                return
+            others = [m for m in members if m is not type(None)]
+            if len(others) == 1:  # `X | None` with a value: its problems as an X
+                self.check(value, others[0], key)
                 return
             if not any(self.passes(value, member, key) for member in members if member is not type(None)):
                 if isinstance(value, dict) and any(m for m in members if dataclasses.is_dataclass(m)):
@@ -99,6 +114,9 @@ class Validator:
         if origin is dict or annotation is dict:
             if not isinstance(value, dict):
                 self.report(key, f"expected a mapping, got {_show(value)}")
+            elif len(get_args(annotation)) == 2:  # dict[str, X]: each value checked as an X
+                for name, item in value.items():
+                    self.check(item, get_args(annotation)[1], f"{key}.{name}")
             return
         if annotation is bool:
             ok = isinstance(value, bool)
@@ -112,12 +130,24 @@ class Validator:
             if isinstance(value, dict) and COMPONENT_KEY in value:
                 self.component(value, key, ())
                 return
-            # A class we cannot build from YAML (e.g. torch.Tensor): accept plain values it converts from.
-            ok = True
+            if annotation.__module__ == "torch" and annotation.__name__ == "Tensor":
+                ok = _numeric(value)  # a tensor from YAML: a number or a (nested) list of numbers
+            else:
+                ok = True  # a class we cannot build from YAML: accept the plain values it converts from
         else:
             ok = True  # typing constructs we do not model (Callable, TypeVar, ...): trust the code
         if not ok:
             self.report(key, f"expected {_describe(annotation)}, got {_show(value)}")
+
+    def bounds(self, value: Any, ranges: list[Range], key: str) -> None:
+        """Each Range of an Annotated hint: on the value, or on every item of a list."""
+        for bound in ranges:
+            items = value if isinstance(value, (list, tuple)) else [value]
+            for i, item in enumerate(items):
+                problem = bound.problem(item)
+                if problem:
+                    self.report(key if items is not value else f"{key}.{i}", problem)
+                    return
 
     def sequence(self, value: Any, annotation: Any, key: str) -> None:
         if not isinstance(value, (list, tuple)):
@@ -151,15 +181,18 @@ class Validator:
             if required and name not in value:
                 self.report(prefix + name, "required key missing" + _field_help(field))
 
-    def component(self, value: Any, key: str, supplied: tuple[str, ...]) -> None:
+    def component(self, value: Any, key: str, supplied: tuple[str, ...], engine_keys: dict[str, Any] | None = None
+                  ) -> None:
+        engine_keys = engine_keys or {}
         if not isinstance(value, dict) or COMPONENT_KEY not in value:
             self.report(key, f"expected a section with a '{COMPONENT_KEY}:' naming the class to build "
                              f"(e.g. {COMPONENT_KEY}: torch.optim.AdamW), got {_show(value)}")
             return
         try:
-            target = locate(value[COMPONENT_KEY])
+            target = locate(value[COMPONENT_KEY], self.policy)
         except ComponentNotFound as err:
-            self.report(f"{key}.{COMPONENT_KEY}", f"cannot import {value[COMPONENT_KEY]!r}: {err}")
+            verb = "not allowed:" if isinstance(err, ComponentNotAllowed) else "cannot import"
+            self.report(f"{key}.{COMPONENT_KEY}", f"{verb} {value[COMPONENT_KEY]!r}: {err}")
             return
         try:
             signature = inspect.signature(target)
@@ -169,14 +202,20 @@ class Validator:
                       if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
         takes_any_keyword = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
         hints = _type_hints(target)
+        before = len(self.issues)
         for name, item in value.items():
             if name == COMPONENT_KEY:
                 continue
             dotted = f"{key}.{name}"
-            if name in supplied:
+            if name in engine_keys:
+                self.check(item, engine_keys[name], dotted)
+            elif name in supplied:
                 self.report(dotted, "is supplied by the engine; remove it from the config")
             elif name in parameters:
+                checked = len(self.issues)
                 self.check(item, hints.get(name, parameters[name].annotation), dotted)
+                if len(self.issues) == checked:
+                    self.bounds(item, known_bounds(target, name), dotted)
             elif not takes_any_keyword:
                 self.report(dotted, f"unknown key for {value[COMPONENT_KEY]}"
                             + _suggest(name, [n for n in parameters if n not in supplied]))
@@ -185,6 +224,18 @@ class Validator:
                     and parameter.kind is not parameter.POSITIONAL_ONLY):
                 self.report(f"{key}.{name}", f"required value missing (an argument of {value[COMPONENT_KEY]} "
                                              "without a default)")
+        cross_check = getattr(target, "check_arguments", None)
+        if callable(cross_check) and len(self.issues) == before:  # arguments that constrain each other
+            arguments = {name: value.get(name, p.default) for name, p in parameters.items()
+                         if name not in supplied and name not in engine_keys}
+            for name, problem in cross_check(arguments) or ():
+                self.report(f"{key}.{name}", problem)
+
+
+def _numeric(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_numeric(item) for item in value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _type_hints(target: Any) -> dict[str, Any]:

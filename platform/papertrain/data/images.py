@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from papertrain.config.constraints import PositiveInt
 from papertrain.data.sources import resolve
 from papertrain.data.tensors import TensorExamples
 from papertrain.errors import PapertrainError
@@ -43,8 +44,8 @@ class ImageClassification:
     `train_examples` / `val_examples` keep the first N of a split (a quick run, a fast test).
     """
 
-    def __init__(self, dataset: str = "mnist", path: str | None = None, train_examples: int | None = None,
-                 val_examples: int | None = None):
+    def __init__(self, dataset: str = "mnist", path: str | None = None, train_examples: PositiveInt | None = None,
+                 val_examples: PositiveInt | None = None):
         if dataset not in CLASS_NAMES:
             raise PapertrainError(f"data.dataset='{dataset}' is not an image classification set",
                                   f"use one of: {', '.join(CLASS_NAMES)}")

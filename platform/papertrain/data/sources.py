@@ -127,10 +127,18 @@ def resolve(name: str, path: str | Path | None = None) -> dict[str, Path]:
 
 def _from_explicit_path(source: DataSource, path: Path) -> dict[str, Path]:
     if len(source.files) == 1:
-        if not path.is_file():
+        expected = source.files[0].name
+        if path.is_dir():
+            if (path / expected).is_file():
+                return {expected: path / expected}
+            raise PapertrainError(f"data.path={path} is a folder, not a file (data set '{source.name}')",
+                                  f"point data.path at the file itself, e.g. {path / expected}")
+        if not path.exists():
             raise PapertrainError(f"data.path={path} does not exist (data set '{source.name}')",
                                   "point data.path at the file, or remove it to use the cache/download")
-        return {source.files[0].name: path}
+        if not path.is_file():
+            raise PapertrainError(f"data.path={path} is not a regular file", "point data.path at the file itself")
+        return {expected: path}
     if not path.is_dir():
         raise PapertrainError(f"data.path={path} is not a folder (data set '{source.name}' has several files)",
                               f"point data.path at a folder holding {', '.join(f.name for f in source.files)}")

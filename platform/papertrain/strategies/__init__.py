@@ -25,7 +25,7 @@ STRATEGIES = {
 }
 
 
-def build_strategy(options, trainer, info: ProcessInfo | None = None) -> Strategy:
+def build_strategy(options, trainer, info: ProcessInfo | None = None, custom_step: bool = False) -> Strategy:
     """Join this job's processes and build the strategy `options.name` for this rank."""
     info = info or process_info()
     device = pick_device(trainer.device, info.local_rank)
@@ -42,12 +42,26 @@ def build_strategy(options, trainer, info: ProcessInfo | None = None) -> Strateg
     connect(info, device.type, expected_world_size=options.world_size,
             single_rank_group=options.name != "single")
     precision = pick_precision(trainer.precision, device)
-    cls = locate(STRATEGIES[options.name])
+    cls = strategy_class(options.name)
     strategy = cls(info, device, precision, options)
-    if hasattr(strategy, "configure"):
-        strategy.configure(trainer.batch_size, trainer.grad_accum_steps, trainer.grad_clip)
+    strategy.configure(trainer.batch_size, trainer.grad_accum_steps, trainer.grad_clip, custom_step)
     return strategy
 
 
-__all__ = ["STRATEGIES", "SingleDevice", "Strategy", "build_strategy", "local_bytes", "pick_device",
+def strategy_class(name: str) -> type[Strategy]:
+    """The class of strategy `name` (a key of STRATEGIES; never a path read from a file)."""
+    if name not in STRATEGIES:
+        raise PapertrainError(f"unknown strategy '{name}'", f"one of: {', '.join(STRATEGIES)}")
+    return locate(STRATEGIES[name])
+
+
+def checkpoint_formats() -> dict[str, str]:
+    """Every checkpoint format a strategy writes -> the (first) strategy that reads it."""
+    formats: dict[str, str] = {}
+    for name in STRATEGIES:
+        formats.setdefault(strategy_class(name).checkpoint_format, name)
+    return formats
+
+
+__all__ = ["STRATEGIES", "checkpoint_formats", "strategy_class", "SingleDevice", "Strategy", "build_strategy", "local_bytes", "pick_device",
            "pick_precision"]

@@ -28,8 +28,8 @@ from torch import nn
 
 from papertrain.checkpoint import load_rng, load_train_state, save_rng
 from papertrain.errors import PapertrainError
-from papertrain.strategies.base import (ModelBuilder, OptimizerBuilder, Strategy, checkpoint_activations, initialise,
-                                        local_bytes)
+from papertrain.strategies.base import (ModelBuilder, Optimizers, OptimizersBuilder, Strategy, checkpoint_activations,
+                                        initialise, local_bytes, refuse_frozen_base_on_meta)
 
 DEEPSPEED_FOLDER = "deepspeed"
 FORMAT = "deepspeed"
@@ -59,6 +59,10 @@ def weights_only_loads() -> Iterator[None]:
 class DeepSpeed(Strategy):
     name = "deepspeed"
     checkpoint_format = FORMAT
+    # its engine holds one optimizer, steps it inside backward() and keeps gradients in its own partitions:
+    # nothing but the default step (one loss, one optimizer, one backward pass per micro-batch)
+    capabilities = frozenset()
+    limits = "its engine holds one optimizer, steps it inside backward and keeps the gradients in its own partitions"
 
     def deepspeed_config(self, batch_size: int, accumulation: int, grad_clip: float | None) -> dict[str, Any]:
         options = self.options
@@ -85,7 +89,8 @@ class DeepSpeed(Strategy):
         config.update(options.deepspeed or {})
         return config
 
-    def configure(self, batch_size: int, accumulation: int, grad_clip: float | None) -> None:
+    def configure(self, batch_size: int, accumulation: int, grad_clip: float | None, custom_step: bool = False) -> None:
+        super().configure(batch_size, accumulation, grad_clip, custom_step)
         self.ds_config = self.deepspeed_config(batch_size, accumulation, grad_clip)
 
     def build_model(self, build: ModelBuilder) -> nn.Module:
@@ -98,6 +103,7 @@ class DeepSpeed(Strategy):
             # construction would write into empty partitions, so it is redone one gathered module at a time
             with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=self.options.stage == 3):
                 model = build()
+            refuse_frozen_base_on_meta(model)
             if self.options.stage == 3:
                 initialise(model, gather=lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0))
         else:
@@ -106,15 +112,16 @@ class DeepSpeed(Strategy):
             checkpoint_activations(model)
         return model
 
-    def prepare(self, build_model: ModelBuilder, build_optimizer: OptimizerBuilder
-                ) -> tuple[nn.Module, torch.optim.Optimizer]:
+    def prepare(self, build_model: ModelBuilder, build_optimizers: OptimizersBuilder
+                ) -> tuple[nn.Module, Optimizers]:
         import deepspeed
 
         model = self.build_model(build_model)
-        optimizer = build_optimizer(model)
+        optimizers = build_optimizers(model)
+        (optimizer,) = optimizers.values()  # one optimizer: papertrain validate refuses more
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
         self.engine = engine
-        return engine, optimizer
+        return engine, optimizers
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return getattr(model, "module", model)
@@ -127,22 +134,22 @@ class DeepSpeed(Strategy):
         self.engine.backward(loss, scale_wrt_gas=False)
         self.engine.step()  # applies the optimizer only at the accumulation boundary
 
-    def clip_and_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float | None
-                      ) -> float | None:
+    def clip_and_step(self, model: nn.Module, optimizer: Any, max_norm: float | None,
+                      parameters: Any = None) -> float | None:
         norm = self.engine.get_global_grad_norm()
         return None if norm is None else float(norm)
 
     def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
         pass  # the engine clears gradients in step()
 
-    def save(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-             train_state: dict[str, Any]) -> None:
+    def save(self, folder: Path, model: nn.Module, optimizers: Optimizers, train_state: dict[str, Any]) -> list[Any]:
         self.engine.save_checkpoint(str(folder), tag=DEEPSPEED_FOLDER, save_latest=False)
         if self.is_main:
             torch.save(train_state, folder / "train_state.pt")
         save_rng(folder, self.rank)
+        return []
 
-    def load(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    def load(self, folder: Path, model: nn.Module, optimizers: Optimizers) -> dict[str, Any]:
         from papertrain.checkpoint import read_meta
 
         meta = read_meta(folder)
@@ -160,14 +167,22 @@ class DeepSpeed(Strategy):
         load_rng(folder, self.rank)
         return load_train_state(folder)
 
+    @classmethod
+    def full_weights(cls, folder: Path) -> dict[str, torch.Tensor]:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with weights_only_loads():
+            return dict(get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=DEEPSPEED_FOLDER))
+
     def parameter_bytes(self, parameter: torch.Tensor) -> int:
         """Under stage 3 a parameter's own storage is an empty placeholder; its shard is `ds_tensor`."""
         return local_bytes(parameter.ds_tensor) if hasattr(parameter, "ds_tensor") else local_bytes(parameter)
 
-    def memory_by_kind(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    def memory_by_kind(self, model: nn.Module, optimizers: Optimizers) -> dict[str, int]:
         """ZeRO's fp32 master partitions live in its own buffers (stage 3 also swaps them out of the
         optimizer's param_groups between steps), so they are counted from there."""
-        memory = super().memory_by_kind(model, optimizer)
+        memory = super().memory_by_kind(model, optimizers)
+        (optimizer,) = optimizers.values()
         zero = self.engine.optimizer
         masters = (getattr(zero, "fp32_partitioned_groups_flat", None)
                    or getattr(zero, "single_partition_of_fp32_groups", None) or [])

@@ -4,7 +4,9 @@ Each block's parameters, gradients and optimizer state are split across the rank
 a rank holds 1/N of the model state. Just before a block runs, its full parameters are all-gathered;
 right after, they are freed again (`reshard_after_forward`); its gradients are reduce-scattered so
 each rank keeps only its shard's, and each rank's optimizer steps only its shard. Sharding is per block
-(see `blocks_of`), then the root takes what is left (embeddings, final norm).
+(see `blocks_of`), then the root takes what is left (embeddings, final norm). A model whose parts are
+called separately (a GAN's generator and discriminator) names them in `parallel_units()`, and each part
+is sharded as a root of its own.
 
 With `meta_init`, the model is built on PyTorch's meta device (shapes, no memory), sharded, and only
 then given memory, one shard per rank, and initialised module by module (`initialise`): a model
@@ -21,7 +23,8 @@ import torch
 from torch import nn
 
 from papertrain.errors import PapertrainError
-from papertrain.strategies.base import ModelBuilder, Strategy, blocks_of, checkpoint_activations, initialise
+from papertrain.strategies.base import (ModelBuilder, Strategy, blocks_of, checkpoint_activations, initialise,
+                                        refuse_frozen_base_on_meta)
 
 
 class FSDP2(Strategy):
@@ -38,6 +41,7 @@ class FSDP2(Strategy):
         if options.meta_init:
             with torch.device("meta"):
                 model = build()
+            refuse_frozen_base_on_meta(model)
         else:
             model = build().to(self.device)
         if self.activation_checkpointing:
@@ -48,21 +52,32 @@ class FSDP2(Strategy):
         offload = CPUOffloadPolicy() if options.offload_params or options.offload_optimizer else OffloadPolicy()
         shard = dict(mesh=mesh, mp_policy=policy, offload_policy=offload,
                      reshard_after_forward=options.reshard_after_forward)
-        for block in blocks_of(model):
-            fully_shard(block, **shard)
-        fully_shard(model, **shard)
+        self.roots = [model.get_submodule(name) for name in parallel_units(model)]
+        for root in self.roots:
+            for block in blocks_of(root):
+                fully_shard(block, **shard)
+            fully_shard(root, **shard)
         if options.meta_init:
             model.to_empty(device="cpu" if options.offload_params or options.offload_optimizer else self.device)
             initialise(model)  # each rank fills only its shards
-        register_methods(model)
+        for root in self.roots:
+            register_methods(root)
         return model
 
     def micro_step_context(self, model: nn.Module, is_last_micro_step: bool) -> contextlib.AbstractContextManager:
-        model.set_requires_gradient_sync(is_last_micro_step)  # reduce-scatter once per optimizer step
+        for root in self.roots:
+            root.set_requires_gradient_sync(is_last_micro_step)  # reduce-scatter once per optimizer step
         return contextlib.nullcontext()
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # the MixedPrecisionPolicy casts parameters instead
+
+
+def parallel_units(model: nn.Module) -> list[str]:
+    """The parts of a model that are called on their own (a GAN's generator and discriminator): each is
+    sharded as a root of its own, so calling it gathers its parameters. Default: the model is one root."""
+    declared = getattr(model, "parallel_units", None)
+    return list(declared()) if callable(declared) else [""]
 
 
 def register_methods(model: nn.Module) -> None:

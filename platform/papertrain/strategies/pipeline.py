@@ -111,6 +111,10 @@ class PipelinedModel(nn.Module):
 
 class Pipeline(Strategy):
     name = "pipeline"
+    # one optimizer per stage over its own layers, the default step only (the schedule below is the step)
+    capabilities = frozenset()
+    limits = "its schedule of micro-batches over the stages is the step, with one optimizer per stage"
+    requires = "pipeline_layout"  # the model must say how it splits into stages (checked by validate)
 
     def __init__(self, info: ProcessInfo, device: torch.device, precision: str, options: Any = None):
         super().__init__(info, device, precision, options)
@@ -131,6 +135,9 @@ class Pipeline(Strategy):
         return 1
 
     # -- building -------------------------------------------------------------------------------------
+    def model_filter(self) -> Any:
+        return self.prune
+
     def prune(self, model: nn.Module) -> None:
         """Keep this stage's modules; the others become nothing (their parameters are never allocated
         when the model was built on the meta device)."""
@@ -186,7 +193,7 @@ class Pipeline(Strategy):
         return torch.empty(*input_ids.shape, model.d_model, device=self.device)
 
     # -- GPipe: all forwards, then all backwards ------------------------------------------------------
-    def forward_backward(self, model: nn.Module, task: Any, micro_batches: list[dict[str, torch.Tensor]],
+    def forward_backward(self, model: nn.Module, loss: Any, micro_batches: list[dict[str, torch.Tensor]],
                          weights: list[float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One step's forward and backward passes over the micro-batches; returns the step's loss and
         metrics (as every rank's trainer expects them: already the global values)."""
@@ -205,10 +212,10 @@ class Pipeline(Strategy):
             with self.autocast():
                 h = self._run_stage(model, ids, received)
                 if self.last:
-                    loss, parts = task.loss(_Head(model, h), batch)
+                    value, parts = loss(_Head(model, h), batch)
             if self.last:  # the last stage runs each micro-batch's backward at once
-                self.backward(loss * weight)
-                total += loss.detach().float() * weight
+                self.backward(value * weight)
+                total += value.detach().float() * weight
                 for k, v in parts.items():
                     parts_total[k] = parts_total.get(k, 0) + v.detach().float() * weight
                 if received is not None:
@@ -245,8 +252,8 @@ class Pipeline(Strategy):
         return logits
 
     # -- the step -------------------------------------------------------------------------------------
-    def clip_and_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float | None
-                      ) -> torch.Tensor | float | None:
+    def clip_and_step(self, model: nn.Module, optimizer: Any, max_norm: float | None,
+                      parameters: Any = None) -> torch.Tensor | float | None:
         """Clip by the norm of the *whole* model's gradient: each stage's squared norm, summed over stages."""
         norm = None
         if max_norm is not None:
@@ -271,11 +278,10 @@ class Pipeline(Strategy):
         return contextlib.nullcontext()
 
     # -- checkpoints: each stage writes and reads its own tensors --------------------------------------
-    def save(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-             train_state: dict[str, Any]) -> list[Any]:
+    def save(self, folder: Path, model: nn.Module, optimizers: dict[str, Any], train_state: dict[str, Any]) -> list[Any]:
         module = model.module if isinstance(model, PipelinedModel) else model
-        return save_training_state(folder, module, optimizer, train_state, self.rank, own_optimizer=True)
+        return save_training_state(folder, module, optimizers, train_state, self.rank, own_optimizer=True)
 
-    def load(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    def load(self, folder: Path, model: nn.Module, optimizers: dict[str, Any]) -> dict[str, Any]:
         module = model.module if isinstance(model, PipelinedModel) else model
-        return load_training_state(folder, module, optimizer, self.rank, own_optimizer=True)
+        return load_training_state(folder, module, optimizers, self.rank, own_optimizer=True)

@@ -60,11 +60,13 @@ GELU's FFN: d_ff·(k + 1) ≈ 2·d_ff_gelu.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Iterator
+from typing import Annotated, Literal
 
 import torch
 from torch import nn
 
+from papertrain.config.constraints import AnyFloat, NonNegativeFloat, PositiveFloat, PositiveInt, Range
 from papertrain.errors import PapertrainError
 from papertrain.recipes.transformers.blocks.model import Activation
 from papertrain.recipes.transformers.gpt.model import GPT
@@ -180,10 +182,11 @@ class FTAFeedForward(nn.Module):
         return self.linear2(self.fta(self.linear1(x)))  # [B, T, d_model] -> [B, T, d_ff·k] -> [B, T, d_model]
 
 
-def fta_gpt(vocab_size: int, block_size: int, n_layers: int = 4, n_heads: int = 4, d_model: int = 128,
-            d_ff: int | None = None, dropout: float = 0.0, norm_first: bool = True,
-            activation: Literal["fta"] | Activation = "fta", lower: float = -2.0, upper: float = 2.0,
-            delta: float = 0.5, eta: float = 0.5) -> GPT:
+def fta_gpt(vocab_size: PositiveInt, block_size: PositiveInt, n_layers: PositiveInt = 4, n_heads: PositiveInt = 4,
+            d_model: PositiveInt = 128, d_ff: PositiveInt | None = None,
+            dropout: Annotated[float, Range(ge=0, lt=1)] = 0.0, norm_first: bool = True,
+            activation: Literal["fta"] | Activation = "fta", lower: AnyFloat = -2.0, upper: AnyFloat = 2.0,
+            delta: PositiveFloat = 0.5, eta: NonNegativeFloat = 0.5) -> GPT:
     """The GPT recipe's model with FTA feed-forward blocks (`activation: fta`), or GPT unchanged (gelu, relu).
 
     d_ff is the width before the activation; with FTA the second layer sees d_ff·k numbers. GPT's own
@@ -197,3 +200,16 @@ def fta_gpt(vocab_size: int, block_size: int, n_layers: int = 4, n_heads: int = 
         model.reset_parameters()
         model.display_name = f"GPT with FTA feed-forward (k={model.layers[0].ffn.fta.k} bins per unit)"
     return model
+
+
+def _check_fta_gpt_arguments(arguments: dict) -> Iterator[tuple[str, str]]:
+    """GPT's own cross check (n_heads divides d_model), and with FTA bins that tile [lower, upper] exactly."""
+    yield from GPT.check_arguments(arguments)
+    if arguments["activation"] == "fta":
+        try:
+            bins(arguments["lower"], arguments["upper"], arguments["delta"])
+        except PapertrainError as err:
+            yield ("upper" if arguments["upper"] <= arguments["lower"] else "delta"), f"{err.message}; {err.hint}"
+
+
+fta_gpt.check_arguments = _check_fta_gpt_arguments  # fta_gpt is a function: the validator looks up this attribute

@@ -43,11 +43,13 @@ layers: ŷ_n from h_{n+1} (a logit, parity is binary) and λ_n = σ(w·h_{n+1} +
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from papertrain.config.constraints import PositiveInt
 from papertrain.errors import PapertrainError
 
 
@@ -132,7 +134,8 @@ class PonderNet(nn.Module):
     `hidden_size + 1` parameters fewer than PonderNet of the same size.
     """
 
-    def __init__(self, input_size: int, hidden_size: int = 64, max_steps: int = 20, fixed_depth: bool = False):
+    def __init__(self, input_size: PositiveInt, hidden_size: PositiveInt = 64, max_steps: PositiveInt = 20,
+                 fixed_depth: bool = False):
         super().__init__()
         if max_steps < 1 or (max_steps < 2 and not fixed_depth):
             raise PapertrainError(f"model.max_steps={max_steps}: PonderNet needs at least 2 steps to choose from "
@@ -143,6 +146,13 @@ class PonderNet(nn.Module):
         self.cell = nn.GRUCell(input_size, hidden_size)  # h_{n+1} = GRU(x, h_n)
         self.output = nn.Linear(hidden_size, 1)  # ŷ_n: the logit of "odd"
         self.halting = None if fixed_depth else nn.Linear(hidden_size, 1)  # λ_n = σ(·)
+
+    @classmethod
+    def check_arguments(cls, arguments: dict) -> Iterator[tuple[str, str]]:
+        """With one step there is no halting decision: PonderNet needs N >= 2 (the fixed-depth baseline N >= 1)."""
+        if arguments["max_steps"] < 2 and not arguments["fixed_depth"]:
+            yield "max_steps", (f"max_steps={arguments['max_steps']}: PonderNet needs at least 2 steps to choose "
+                                "from; set max_steps >= 2, or fixed_depth=true for a 1-step network")
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [B, input_size] -> (ŷ: [B, N] logits at every step, log p: [B, N] halting distribution)."""

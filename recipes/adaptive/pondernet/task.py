@@ -11,11 +11,12 @@ pondering) computation can count further than one step of the same cell can.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import nn
 
+from papertrain.config.constraints import NonNegativeFloat, PositiveInt, Range, Seed
 from papertrain.data.tensors import TensorExamples
 from papertrain.errors import PapertrainError
 from papertrain.recipes.adaptive.pondernet.model import halting_step, ponder_loss
@@ -27,7 +28,8 @@ class ParityData:
     Each example also carries `n_nonzero` (its difficulty, for the plots) and `u`, the uniform number
     that decides where PonderNet halts on it at evaluation (see `halting_step`)."""
 
-    def __init__(self, n_elements: int = 16, n_train: int = 100_000, n_val: int = 4_000, seed: int = 0):
+    def __init__(self, n_elements: PositiveInt = 16, n_train: PositiveInt = 100_000, n_val: PositiveInt = 4_000,
+                 seed: Seed = 0):
         if n_elements < 1:
             raise PapertrainError(f"data.n_elements={n_elements}: a parity vector needs at least 1 element",
                                   "use e.g. data.n_elements=16 (the paper uses 64)")
@@ -63,7 +65,8 @@ class PonderTask:
 
     unit = "samples"
 
-    def __init__(self, beta: float = 0.01, lambda_p: float = 0.2, halting: str = "sample"):
+    def __init__(self, beta: NonNegativeFloat = 0.01, lambda_p: Annotated[float, Range(gt=0, le=1)] = 0.2,
+                 halting: str = "sample"):
         if halting not in ("sample", "median"):
             raise PapertrainError(f"task.halting={halting!r} is not a halting rule",
                                   "use task.halting=sample (the paper) or task.halting=median")

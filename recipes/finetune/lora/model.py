@@ -37,12 +37,13 @@ import math
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from papertrain.config.constraints import PositiveFloat, PositiveInt, Range
 from papertrain.errors import PapertrainError
 
 KAIMING_A = math.sqrt(5)  # A's init as in loralib (and nn.Linear): uniform(±1/√k) for k inputs
@@ -414,10 +415,14 @@ class LoRAModel(nn.Module):
     the adapters beside them (`...qkv_proj.lora_A`); forward, `vocab_size` and `block_size` are the base's.
     """
 
-    def __init__(self, base: nn.Module, r: int, alpha: float, targets: list[str], dropout: float = 0.0,
-                 base_weights: str | None = None, train_biases: bool = False):
+    freezes_parameters = True  # the base is frozen (papertrain validate refuses strategy.meta_init for it)
+
+    def __init__(self, base: nn.Module, r: PositiveInt, alpha: PositiveFloat, targets: list[str],
+                 dropout: Annotated[float, Range(ge=0, lt=1)] = 0.0, base_weights: str | None = None,
+                 train_biases: bool = False):
         super().__init__()
-        if base_weights:
+        on_meta = any(p.is_meta for p in base.parameters())  # shapes only (papertrain plan, export)
+        if base_weights and not on_meta:
             load_base_weights(base, base_weights)
         self.base = base
         self.report = apply_lora(self, targets, r, alpha, dropout, train_biases)

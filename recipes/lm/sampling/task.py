@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from papertrain.config.constraints import PositiveInt
 from papertrain.errors import PapertrainError
 from papertrain.recipes.lm.sampling.model import Sampler, generate
 from papertrain.recipes.transformers.gpt.task import LanguageModelTask
@@ -50,8 +51,8 @@ def mean_log_likelihood(model: nn.Module, ids: torch.Tensor, start: int, context
 
 
 class DecodingComparisonTask(LanguageModelTask):
-    def __init__(self, strategies: dict[str, dict] | None = None, prompts: int = 8, prompt_tokens: int = 64,
-                 continuation_tokens: int = 200):
+    def __init__(self, strategies: dict[str, dict] | None = None, prompts: PositiveInt = 8,
+                 prompt_tokens: PositiveInt = 64, continuation_tokens: PositiveInt = 200):
         super().__init__(sample_tokens=continuation_tokens)
         self.samplers = {}
         for name, settings in (strategies or DEFAULT_STRATEGIES).items():

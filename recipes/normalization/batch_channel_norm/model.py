@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from papertrain.config.constraints import PositiveFloat, PositiveInt, Probability
+
 from papertrain.recipes.normalization.batch_norm.model import BatchNorm, batch_moments, per_channel
 from papertrain.recipes.normalization.group_norm.model import GroupNorm
 
@@ -32,7 +34,7 @@ from papertrain.recipes.normalization.group_norm.model import GroupNorm
 class EstimatedBatchNorm(nn.Module):
     """Normalize each channel with moving-average estimates μ̂, σ̂² updated from each batch (no gradient)."""
 
-    def __init__(self, num_features: int, eps: float = 1e-5, rate: float = 0.1, sync: bool = True):
+    def __init__(self, num_features: PositiveInt, eps: PositiveFloat = 1e-5, rate: Probability = 0.1, sync: bool = True):
         super().__init__()
         self.eps, self.rate, self.sync = eps, rate, sync
         self.weight = nn.Parameter(torch.empty(num_features))  # a
@@ -53,15 +55,17 @@ class EstimatedBatchNorm(nn.Module):
                 mean, var, _ = batch_moments(x, self.sync)
                 self.estimated_mean.lerp_(mean, self.rate)  # μ̂ ← μ̂ + r(μ_B - μ̂)
                 self.estimated_var.lerp_(var, self.rate)  # σ̂² ← σ̂² + r(σ²_B - σ̂²)
-        x_hat = (x - per_channel(self.estimated_mean, x)) * per_channel(torch.rsqrt(self.estimated_var + self.eps), x)
-        return x_hat * per_channel(self.weight, x) + per_channel(self.bias, x)  # a x̂ + b
+        # in fp32 whatever autocast made of x (the estimates are fp32 buffers), then back to x's precision
+        inverse_std = per_channel(torch.rsqrt(self.estimated_var + self.eps), x)
+        x_hat = (x.float() - per_channel(self.estimated_mean, x)) * inverse_std
+        return (x_hat * per_channel(self.weight, x) + per_channel(self.bias, x)).to(x.dtype)  # a x̂ + b
 
 
 class BatchChannelNorm(nn.Module):
     """Batch knowledge (BatchNorm, or its moving estimates) then channel normalization (GroupNorm)."""
 
-    def __init__(self, num_channels: int, num_groups: int = 8, eps: float = 1e-5, momentum: float = 0.1,
-                 estimate: bool = False, sync: bool = True):
+    def __init__(self, num_channels: PositiveInt, num_groups: PositiveInt = 8, eps: PositiveFloat = 1e-5,
+                 momentum: Probability = 0.1, estimate: bool = False, sync: bool = True):
         super().__init__()
         self.estimate = estimate
         self.batch = (EstimatedBatchNorm(num_channels, eps, momentum, sync) if estimate

@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from papertrain.config.constraints import PositiveFloat, PositiveInt, Probability
+
 
 def summed_over_ranks(*tensors: torch.Tensor) -> list[torch.Tensor]:
     """Each tensor summed over the data-parallel ranks, differentiably (one process: unchanged)."""
@@ -45,7 +47,12 @@ def summed_over_ranks(*tensors: torch.Tensor) -> list[torch.Tensor]:
 
 
 def batch_moments(x: torch.Tensor, sync: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(μ_B, σ²_B, m) per channel over the batch and all positions; over every rank's batch if `sync`."""
+    """(μ_B, σ²_B, m) per channel over the batch and all positions; over every rank's batch if `sync`.
+
+    Always in fp32, whatever autocast made of x: E[x²] - μ² subtracts two nearly equal numbers, which in
+    bf16 (8 bits of mantissa) leaves mostly rounding error, and the running averages must stay fp32 too
+    (torch's own BatchNorm computes its statistics in fp32 under autocast for the same reason)."""
+    x = x.float()
     dims = [0, *range(2, x.dim())]
     count = torch.tensor(float(x.numel() // x.shape[1]), device=x.device, dtype=x.dtype)
     sums = (x.sum(dims), (x * x).sum(dims), count)
@@ -62,8 +69,8 @@ def per_channel(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 class BatchNorm(nn.Module):
     """BatchNorm over dimension 1 of [B, C] or [B, C, *spatial] inputs: Algorithms 1 and 2 of the paper."""
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, sync: bool = True):
+    def __init__(self, num_features: PositiveInt, eps: PositiveFloat = 1e-5, momentum: Probability = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, sync: bool = True):
         super().__init__()
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
         self.track_running_stats = track_running_stats
@@ -95,10 +102,11 @@ class BatchNorm(nn.Module):
                     self.num_batches_tracked += 1
         else:
             mean, var = self.running_mean, self.running_var  # inference: population statistics
-        x_hat = (x - per_channel(mean, x)) * per_channel(torch.rsqrt(var + self.eps), x)  # (x - μ)/√(σ² + ε)
-        if self.weight is None:
-            return x_hat
-        return x_hat * per_channel(self.weight, x) + per_channel(self.bias, x)  # y = γ x̂ + β
+        x32 = x.float()
+        x_hat = (x32 - per_channel(mean, x)) * per_channel(torch.rsqrt(var + self.eps), x)  # (x - μ)/√(σ² + ε)
+        if self.weight is not None:
+            x_hat = x_hat * per_channel(self.weight, x) + per_channel(self.bias, x)  # y = γ x̂ + β
+        return x_hat.to(x.dtype)  # back to the input's precision (a no-op in fp32)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, sync={self.sync}"

@@ -25,10 +25,12 @@ initialization. The test trains both at a depth where plain Post-LN fails and De
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
+from papertrain.config.constraints import PositiveInt
 from papertrain.recipes.normalization.layer_norm.model import LayerNorm
 from papertrain.recipes.transformers.blocks.model import FeedForward, LearnedPositions
 from papertrain.recipes.transformers.mha.model import MultiHeadAttention
@@ -57,8 +59,9 @@ class PostLNBlock(nn.Module):
 class DeepNormGPT(nn.Module):
     """Embeddings -> N Post-LN blocks (DeepNorm's or plain) -> next-token logits."""
 
-    def __init__(self, vocab_size: int, block_size: int, n_layers: int = 24, n_heads: int = 4, d_model: int = 64,
-                 d_ff: int | None = None, deepnorm: bool = True):
+    def __init__(self, vocab_size: PositiveInt, block_size: PositiveInt, n_layers: PositiveInt = 24,
+                 n_heads: PositiveInt = 4, d_model: PositiveInt = 64, d_ff: PositiveInt | None = None,
+                 deepnorm: bool = True):
         super().__init__()
         self.vocab_size, self.block_size, self.n_layers, self.deepnorm = vocab_size, block_size, n_layers, deepnorm
         self.alpha, self.beta = deepnorm_constants(n_layers) if deepnorm else (1.0, 1.0)
@@ -68,6 +71,10 @@ class DeepNormGPT(nn.Module):
                                     for _ in range(n_layers))
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
         self.reset_parameters()
+
+    @classmethod
+    def check_arguments(cls, arguments: dict) -> Iterator[tuple[str, str]]:
+        yield from MultiHeadAttention.check_arguments(arguments)
 
     def init_weights(self, name: str, module: nn.Module) -> None:
         """Xavier-normal everywhere; gain β for the FFN, W^V and W^O (the sub-layers' output side)."""

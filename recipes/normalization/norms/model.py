@@ -21,12 +21,14 @@ Each layer's own file (see the table) is where its idea lives; this file only as
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Iterator
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from papertrain.config.constraints import PositiveInt, Range
 from papertrain.errors import PapertrainError
 from papertrain.recipes.normalization.batch_channel_norm.model import BatchChannelNorm
 from papertrain.recipes.normalization.batch_norm.model import BatchNorm
@@ -59,9 +61,10 @@ def make_norm(norm: str, channels: int, size: int, groups: int, estimate: bool) 
 class NormConvNet(nn.Module):
     """[B, 1, 28, 28] images -> [B, num_classes] logits, with the chosen normalization after each convolution."""
 
-    def __init__(self, norm: Norm = "batch", channels: tuple[int, int, int] | list[int] = (16, 32, 64),
-                 num_classes: int = 10, image_size: int = 28, in_channels: int = 1, groups: int = 8,
-                 weight_standardization: bool = False, estimate: bool = False):
+    def __init__(self, norm: Norm = "batch",
+                 channels: Annotated[tuple[int, int, int] | list[int], Range(ge=1)] = (16, 32, 64),  # each >= 1
+                 num_classes: PositiveInt = 10, image_size: PositiveInt = 28, in_channels: PositiveInt = 1,
+                 groups: PositiveInt = 8, weight_standardization: bool = False, estimate: bool = False):
         super().__init__()
         if norm not in NORMS:
             raise PapertrainError(f"model.norm='{norm}' is not a normalization here", f"use one of: {', '.join(NORMS)}")
@@ -82,6 +85,20 @@ class NormConvNet(nn.Module):
                 size //= 2  # max-pooling after all but the last block
             previous = width
         self.classifier = nn.Linear(previous, num_classes)
+
+    @classmethod
+    def check_arguments(cls, arguments: dict) -> Iterator[tuple[str, str]]:
+        """Group-wise norms split each layer's channels into `groups`; every block but the last halves the
+        image, which must keep at least one pixel."""
+        channels, groups, norm = list(arguments["channels"]), arguments["groups"], arguments["norm"]
+        if norm in ("group", "batch_channel") and any(c % groups for c in channels):
+            yield "groups", (f"channels={channels} must all be divisible by groups={groups} for norm={norm}; "
+                             "choose channel counts that are multiples of the group count")
+        halvings = max(len(channels) - 1, 0)
+        if arguments["image_size"] < 2**halvings:
+            yield "image_size", (f"image_size={arguments['image_size']} is too small for {len(channels)} blocks: "
+                                 f"max-pooling halves it {halvings} times; use image_size >= {2**halvings} "
+                                 "or fewer channels")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[1:] != (self.in_channels, self.image_size, self.image_size):

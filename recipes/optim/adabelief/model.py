@@ -37,10 +37,12 @@ authors' default ε = 10⁻¹⁶ plays the part of Adam's 10⁻⁸.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterator
+from typing import Annotated, Any, Iterable
 
 import torch
 
+from papertrain.config.constraints import NonNegativeFloat, Range
 from papertrain.errors import PapertrainError
 from papertrain.optim import ElementwiseOptimizer, check_hyperparameters
 from papertrain.recipes.optim.radam.model import RHO_THRESHOLD, rectification, rho
@@ -50,9 +52,10 @@ class AdaBelief(ElementwiseOptimizer):
     """AdaBelief (Algorithm 2), optionally with AMSGrad's max, RAdam's rectification and AdamW's decay. The
     loop over parameters, the step count t and the weight decay are `papertrain.optim.ElementwiseOptimizer`'s."""
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-16, weight_decay: float = 0.0, decoupled_weight_decay: bool = False,
-                 amsgrad: bool = False, rectify: bool = False):
+    def __init__(self, params: Iterable, lr: NonNegativeFloat = 1e-3,
+                 betas: tuple[Annotated[float, Range(ge=0, lt=1)], Annotated[float, Range(ge=0, lt=1)]] = (0.9, 0.999),
+                 eps: NonNegativeFloat = 1e-16, weight_decay: NonNegativeFloat = 0.0,
+                 decoupled_weight_decay: bool = False, amsgrad: bool = False, rectify: bool = False):
         check_hyperparameters("AdaBelief", lr, eps, weight_decay, betas, "lr=1e-3, eps=1e-16, betas=(0.9, 0.999)")
         if rectify and rho(1, betas[1])[0] <= RHO_THRESHOLD:
             raise PapertrainError(f"AdaBelief: rectify=True with betas[1]={betas[1]} would never take an adaptive "
@@ -60,6 +63,14 @@ class AdaBelief(ElementwiseOptimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad, rectify=rectify)
         super().__init__(params, defaults)
+
+    @classmethod
+    def check_arguments(cls, arguments: dict) -> Iterator[tuple[str, str]]:
+        """With RAdam's rectification, ρ_∞ = 2/(1 - β₂) - 1 must exceed 5 (β₂ > 2/3)."""
+        beta2 = arguments["betas"][1]
+        if arguments["rectify"] and rho(1, beta2)[0] <= RHO_THRESHOLD:
+            yield "betas", (f"rectify=true with betas[1]={beta2} gives ρ_∞ = {rho(1, beta2)[0]:.2f} <= 5, so "
+                            "AdaBelief would never take an adaptive step; use β₂ > 2/3, or rectify=false")
 
     def new_state(self, theta: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         state = {"exp_avg": torch.zeros_like(theta), "exp_avg_var": torch.zeros_like(theta)}  # m, s

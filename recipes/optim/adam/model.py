@@ -32,10 +32,11 @@ not let the adaptive denominator rescale the decay.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Annotated, Any, Iterable
 
 import torch
 
+from papertrain.config.constraints import NonNegativeFloat, Range
 from papertrain.optim import ElementwiseOptimizer, check_hyperparameters
 
 
@@ -45,8 +46,10 @@ class Adam(ElementwiseOptimizer):
 
     decoupled_key = "decoupled"
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, decoupled: bool = False):
+    def __init__(self, params: Iterable, lr: NonNegativeFloat = 1e-3,
+                 betas: tuple[Annotated[float, Range(ge=0, lt=1)], Annotated[float, Range(ge=0, lt=1)]] = (0.9, 0.999),
+                 eps: NonNegativeFloat = 1e-8, weight_decay: NonNegativeFloat = 0.0, amsgrad: bool = False,
+                 decoupled: bool = False):
         check_hyperparameters("Adam", lr, eps, weight_decay, betas, "lr=1e-3, eps=1e-8, betas=(0.9, 0.999)")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         decoupled=decoupled)

@@ -30,9 +30,12 @@ then a constant: the warmup alone, for comparing with and without it at the same
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
+from papertrain.config.constraints import NonNegativeInt, Range
 from papertrain.schedules import Noam
 
 __all__ = ["LinearWarmup", "Noam", "noam_rate"]
@@ -51,7 +54,8 @@ class LinearWarmup(LRScheduler):
     Its only state is the step count, so a resumed run continues it exactly.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int, last_epoch: int = -1):
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: NonNegativeInt,
+                 last_epoch: Annotated[int, Range(ge=-1)] = -1):
         if warmup_steps < 0:
             raise ValueError(f"need warmup_steps >= 0, got {warmup_steps}")
         self.warmup_steps = warmup_steps

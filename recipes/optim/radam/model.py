@@ -45,10 +45,12 @@ shrinks θ by αλ before the step, as AdamW does (Loshchilov & Hutter 2019) and
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterator
+from typing import Annotated, Any, Iterable
 
 import torch
 
+from papertrain.config.constraints import NonNegativeFloat, Range
 from papertrain.errors import PapertrainError
 from papertrain.optim import ElementwiseOptimizer, check_hyperparameters
 
@@ -74,8 +76,10 @@ class RAdam(ElementwiseOptimizer):
     """Rectified Adam (Algorithm 2), optionally with decoupled (AdamW) weight decay. The loop over
     parameters, the step count t and the weight decay are `papertrain.optim.ElementwiseOptimizer`'s."""
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, decoupled_weight_decay: bool = False):
+    def __init__(self, params: Iterable, lr: NonNegativeFloat = 1e-3,
+                 betas: tuple[Annotated[float, Range(ge=0, lt=1)], Annotated[float, Range(ge=0, lt=1)]] = (0.9, 0.999),
+                 eps: NonNegativeFloat = 1e-8, weight_decay: NonNegativeFloat = 0.0,
+                 decoupled_weight_decay: bool = False):
         check_hyperparameters("RAdam", lr, eps, weight_decay, betas, "lr=1e-3, eps=1e-8, betas=(0.9, 0.999)")
         if rho(1, betas[1])[0] <= RHO_THRESHOLD:
             # ρ_∞ <= 5 (β₂ <= 2/3): ρ_t never passes the threshold, so this would be momentum SGD forever
@@ -84,6 +88,15 @@ class RAdam(ElementwiseOptimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults)
+
+    @classmethod
+    def check_arguments(cls, arguments: dict) -> Iterator[tuple[str, str]]:
+        """ρ_∞ = 2/(1 - β₂) - 1 must exceed 5 (β₂ > 2/3), or ρ_t never passes the threshold (§4)."""
+        beta2 = arguments["betas"][1]
+        rho_inf = rho(1, beta2)[0]
+        if rho_inf <= RHO_THRESHOLD:
+            yield "betas", (f"betas[1]={beta2} gives ρ_∞ = {rho_inf:.2f} <= 5, so RAdam would never take an "
+                            "adaptive step; use β₂ > 2/3, e.g. the paper's 0.999")
 
     def new_state(self, theta: torch.Tensor, group: dict[str, Any]) -> dict[str, torch.Tensor]:
         return {"exp_avg": torch.zeros_like(theta), "exp_avg_sq": torch.zeros_like(theta)}  # m, v

@@ -39,15 +39,14 @@ the mean loss (the cross terms between different b vanish in expectation). The c
 forward and backward pass every k steps. For a language model every token is one of the B inputs, so
 B is the number of tokens in the (global) batch.
 
-## How this plugs into the trainer
+## How this plugs into the training loop
 
-The estimator needs the model and the batch, which an optimizer does not have. The optimizer declares
-`curvature_every = k` and `update_curvature(num_samples)`; the trainer then, at the start of every
-k-th step, runs the step's micro-batches through `task.sampled_loss` (labels drawn from the model's own
+The estimator needs the model and the batch, which an optimizer does not have. So the optimizer ships a
+callback of the loop (`callbacks()` below, the pass itself in curvature.py): at the start of every k-th
+step it runs the step's micro-batches through `task.sampled_loss` (labels drawn from the model's own
 predictions) with the same forward/backward path as training, so ĝ is reduced across ranks exactly as
-g is, and calls `update_curvature(B)`, which reads ĝ from each parameter's `.grad` (see the curvature
-hook in papertrain/trainer.py). The curvature h lives in the optimizer's state, so it is checkpointed
-and a resumed run continues exactly.
+g is, and calls `update_curvature(B)`, which reads ĝ from each parameter's `.grad`. The curvature h
+lives in the optimizer's state, so it is checkpointed and a resumed run continues exactly.
 
 **When ĥ is computed.** Algorithm 3 refreshes h when t mod k = 1 (t = 1, k+1, 2k+1, ...: the very first
 step included), before the step. The authors' code refreshes it after every k-th step, from h = 0, so
@@ -57,10 +56,11 @@ before steps k, 2k, 3k, ... (0-based), at the parameters that step's gradient is
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Annotated, Any, Iterable
 
 import torch
 
+from papertrain.config.constraints import NonNegativeFloat, PositiveFloat, PositiveInt, Range
 from papertrain.errors import PapertrainError
 from papertrain.optim import ElementwiseOptimizer
 
@@ -69,8 +69,10 @@ class SophiaG(ElementwiseOptimizer):
     """Sophia with the Gauss-Newton-Bartlett curvature estimator (Algorithm 3). The loop over parameters and
     the decoupled decay (applied before the step, as θ ← θ - ηλθ) are `papertrain.optim.ElementwiseOptimizer`'s."""
 
-    def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99),
-                 gamma: float = 0.01, eps: float = 1e-12, weight_decay: float = 0.2, curvature_every: int = 10):
+    def __init__(self, params: Iterable, lr: NonNegativeFloat = 1e-4,
+                 betas: tuple[Annotated[float, Range(ge=0, lt=1)], Annotated[float, Range(ge=0, lt=1)]] = (0.965, 0.99),
+                 gamma: PositiveFloat = 0.01, eps: PositiveFloat = 1e-12, weight_decay: NonNegativeFloat = 0.2,
+                 curvature_every: PositiveInt = 10):
         if lr < 0 or weight_decay < 0:
             raise PapertrainError(f"SophiaG: lr={lr} and weight_decay={weight_decay} must be >= 0",
                                   "use e.g. lr=1e-4 and the paper's weight_decay=0.2")
@@ -83,9 +85,24 @@ class SophiaG(ElementwiseOptimizer):
         if not isinstance(curvature_every, int) or isinstance(curvature_every, bool) or curvature_every < 1:
             raise PapertrainError(f"SophiaG: curvature_every={curvature_every!r} must be a whole number of steps >= 1",
                                   "use the paper's k = 10")
-        # read by the trainer: refresh the curvature (ĥ, h) before every k-th step
+        # read by the curvature pass (curvature.py): refresh ĥ and h before every k-th step
         self.curvature_every = curvature_every
         super().__init__(params, dict(lr=lr, betas=tuple(betas), gamma=gamma, eps=eps, weight_decay=weight_decay))
+
+    @classmethod
+    def required_capabilities(cls, arguments: dict[str, Any], tree: dict[str, Any]) -> set[str]:
+        """A run longer than k steps takes the curvature pass, a second backward pass (papertrain validate
+        refuses a strategy that cannot run one, such as DeepSpeed's engine)."""
+        from papertrain.strategies.base import REPEATED_BACKWARD
+
+        long_enough = tree.get("trainer", {}).get("max_steps", 0) > arguments.get("curvature_every", 10)
+        return {REPEATED_BACKWARD} if long_enough else set()
+
+    def callbacks(self) -> dict[str, Any]:
+        """The training loop's hook that refreshes ĥ every `curvature_every` steps (curvature.py)."""
+        from papertrain.recipes.optim.sophia.curvature import GaussNewtonBartlett
+
+        return {"sophia_curvature": GaussNewtonBartlett(self)}
 
     def decoupled(self, group: dict[str, Any]) -> bool:
         return True  # the paper's decay is AdamW's form: θ ← θ - ηλθ

@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from papertrain.config.constraints import NonNegativeInt, PositiveFloat, PositiveInt, Range
 from papertrain.errors import PapertrainError
 from papertrain.recipes.quantization.llm_int8.model import THRESHOLD, Int8Linear, outlier_dims, quantize_linears
 from papertrain.recipes.transformers.gpt.task import LanguageModelTask
@@ -72,10 +74,11 @@ def plant_outlier_features(model: nn.Module, dims: list[int], scale: float) -> N
 
 
 class Int8ComparisonTask(LanguageModelTask):
-    def __init__(self, threshold: float = THRESHOLD, skip: list[str] | tuple[str, ...] = ("lm_head",),
-                 backends: list[str] | tuple[str, ...] = ("own", "bitsandbytes"), eval_windows: int = 64,
-                 eval_batch_size: int = 16, plant_dims: list[int] | tuple[int, ...] = (13, 64, 101),
-                 plant_scale: float = 20.0, prompt: str = "\n", sample_tokens: int = 200):
+    def __init__(self, threshold: PositiveFloat = THRESHOLD, skip: list[str] | tuple[str, ...] = ("lm_head",),
+                 backends: list[str] | tuple[str, ...] = ("own", "bitsandbytes"), eval_windows: PositiveInt = 64,
+                 eval_batch_size: PositiveInt = 16,
+                 plant_dims: Annotated[list[int] | tuple[int, ...], Range(ge=0)] = (13, 64, 101),  # each >= 0
+                 plant_scale: PositiveFloat = 20.0, prompt: str = "\n", sample_tokens: NonNegativeInt = 200):
         super().__init__(prompt=prompt, sample_tokens=sample_tokens)
         if eval_windows < 1 or eval_batch_size < 1:
             raise PapertrainError(f"task.eval_windows={eval_windows} and task.eval_batch_size={eval_batch_size} "

@@ -20,7 +20,8 @@ from torch import nn
 from papertrain.checkpoint import load_rng, load_train_state, read_meta, save_rng
 from papertrain.errors import PapertrainError
 from papertrain.recipes.scaling.zero3.model import Zero3
-from papertrain.strategies.base import ModelBuilder, OptimizerBuilder, Strategy, blocks_of, local_bytes, optimizer_bytes
+from papertrain.strategies.base import (REPEATED_BACKWARD, ModelBuilder, Optimizers, OptimizersBuilder, Strategy,
+                                        blocks_of, local_bytes, optimizer_bytes)
 
 FORMAT = "zero3-reference"
 FOLDER = "zero3"
@@ -29,7 +30,9 @@ FOLDER = "zero3"
 class Zero3Reference(Strategy):
     name = "zero3_reference"
     checkpoint_format = FORMAT
-    consolidate_module = __name__
+    # the default step, and an extra backward pass (gathered by the same hooks); one optimizer over the shards
+    capabilities = frozenset({REPEATED_BACKWARD})
+    limits = "a reference implementation of the sharding: the default step, one optimizer over the shards"
 
     def build_model(self, build: ModelBuilder) -> nn.Module:
         for option in ("meta_init", "activation_checkpointing", "offload_params", "offload_optimizer"):
@@ -41,15 +44,15 @@ class Zero3Reference(Strategy):
         self.zero = Zero3(model, blocks_of(model))
         return model
 
-    def prepare(self, build_model: ModelBuilder, build_optimizer: OptimizerBuilder
-                ) -> tuple[nn.Module, torch.optim.Optimizer]:
+    def prepare(self, build_model: ModelBuilder, build_optimizers: OptimizersBuilder
+                ) -> tuple[nn.Module, Optimizers]:
         model = self.build_model(build_model)
         self.shard_holder = nn.Module()  # what the optimizer sees: this rank's shards, and only them
         self.shard_holder.shards = nn.ParameterList(self.zero.shards())
-        return model, build_optimizer(self.shard_holder)
+        return model, build_optimizers(self.shard_holder)
 
-    def clip_and_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float | None
-                      ) -> torch.Tensor | float | None:
+    def clip_and_step(self, model: nn.Module, optimizer: Any, max_norm: float | None,
+                      parameters: Any = None) -> torch.Tensor | float | None:
         self.zero.finish_backward()
         shards = [p for p in self.zero.shards() if p.grad is not None]
         squares = torch.stack([p.grad.float().pow(2).sum() for p in shards]).sum() if shards else torch.zeros(())
@@ -61,15 +64,20 @@ class Zero3Reference(Strategy):
         optimizer.step()
         return norm
 
-    def memory_by_kind(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    def memory_by_kind(self, model: nn.Module, optimizers: Optimizers) -> dict[str, int]:
+        (optimizer,) = optimizers.values()
         shards = self.zero.shards()  # the model's own parameters hold no memory between uses
         return {"memory/params_bytes": sum(local_bytes(p) for p in shards),
                 "memory/grads_bytes": sum(local_bytes(p.grad) for p in shards if p.grad is not None),
                 "memory/optimizer_bytes": optimizer_bytes(optimizer, self.shard_holder)}
 
+    @classmethod
+    def full_weights(cls, folder: Path) -> dict[str, torch.Tensor]:
+        return consolidate(folder)
+
     # -- checkpoints: every rank's shards, and how they fit together ---------------------------------------
-    def save(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-             train_state: dict[str, Any]) -> None:
+    def save(self, folder: Path, model: nn.Module, optimizers: Optimizers, train_state: dict[str, Any]) -> list[Any]:
+        (optimizer,) = optimizers.values()
         tensors, scalars = {}, {}
         for index, shard in enumerate(self.zero.shards()):
             tensors[f"{index}.shard"] = shard.detach()
@@ -85,8 +93,10 @@ class Zero3Reference(Strategy):
             hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
             torch.save({**train_state, "optimizer_groups": hyper, "optimizer_scalars": scalars}, folder / "train_state.pt")
         save_rng(folder, self.rank)
+        return []
 
-    def load(self, folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    def load(self, folder: Path, model: nn.Module, optimizers: Optimizers) -> dict[str, Any]:
+        (optimizer,) = optimizers.values()
         meta = read_meta(folder)
         if meta.get("format") != FORMAT or meta.get("world_size") != self.world_size:
             raise PapertrainError(f"{folder} was written by strategy '{meta.get('strategy')}' on "

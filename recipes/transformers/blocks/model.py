@@ -34,12 +34,14 @@ output. The decoder's self-attention is causal, so that position i only sees out
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Iterator
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from papertrain.config.constraints import NonNegativeInt, PositiveInt, Range
 from papertrain.recipes.transformers.mha.model import MultiHeadAttention
 
 Activation = Literal["relu", "gelu", "gelu_tanh"]
@@ -190,9 +192,11 @@ class EncoderDecoder(nn.Module):
     share one weight matrix.
     """
 
-    def __init__(self, vocab_size: int, d_model: int = 512, n_heads: int = 8, n_layers: int = 6, d_ff: int = 2048,
-                 dropout: float = 0.1, max_len: int = 512, positions: Literal["sinusoidal", "learned"] = "sinusoidal",
-                 norm_first: bool = False, pad_id: int = 0, activation: Activation = "relu"):
+    def __init__(self, vocab_size: PositiveInt, d_model: PositiveInt = 512, n_heads: PositiveInt = 8,
+                 n_layers: PositiveInt = 6, d_ff: PositiveInt = 2048,
+                 dropout: Annotated[float, Range(ge=0, lt=1)] = 0.1, max_len: PositiveInt = 512,
+                 positions: Literal["sinusoidal", "learned"] = "sinusoidal", norm_first: bool = False,
+                 pad_id: NonNegativeInt = 0, activation: Activation = "relu"):
         super().__init__()
         self.pad_id = pad_id
         self.embed = TokenEmbedding(vocab_size, d_model, scale=True)
@@ -209,6 +213,16 @@ class EncoderDecoder(nn.Module):
         self.output = nn.Linear(d_model, vocab_size, bias=False)
         self.output.weight = self.embed.embedding.weight  # shared with the embeddings (§3.4)
         self.reset_parameters()
+
+    @classmethod
+    def check_arguments(cls, arguments: dict) -> Iterator[tuple[str, str]]:
+        """h must divide d_model (§3.2.2), and the padding token must be a row of the shared embedding
+        (greedy decoding feeds it back in after EOS)."""
+        yield from MultiHeadAttention.check_arguments(arguments)
+        pad_id, vocab_size = arguments["pad_id"], arguments["vocab_size"]
+        if pad_id >= vocab_size:
+            yield "pad_id", (f"pad_id={pad_id} is not a token of the vocabulary (vocab_size={vocab_size}); "
+                             f"use an id below {vocab_size}, e.g. pad_id=0")
 
     def init_weights(self, name: str, module: nn.Module) -> None:
         """Glorot-uniform weight matrices, as the reference implementation of the paper did."""

@@ -10,10 +10,13 @@ right), teacher forcing in training and greedy decoding at test time.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from papertrain.config.constraints import PositiveInt, Seed
 from papertrain.data.tensors import TensorExamples
 from papertrain.errors import PapertrainError
 
@@ -22,8 +25,8 @@ FIRST_DIGIT = 3
 
 
 class SortDigits:
-    def __init__(self, n_symbols: int = 10, min_len: int = 4, max_len: int = 12, n_train: int = 50_000,
-                 n_val: int = 1_000, seed: int = 0):
+    def __init__(self, n_symbols: PositiveInt = 10, min_len: PositiveInt = 4, max_len: PositiveInt = 12,
+                 n_train: PositiveInt = 50_000, n_val: PositiveInt = 1_000, seed: Seed = 0):
         if not 1 <= min_len <= max_len:
             raise PapertrainError(f"need 1 <= data.min_len <= data.max_len, got {min_len}, {max_len}")
         self.n_symbols, self.min_len, self.max_len = n_symbols, min_len, max_len
@@ -31,6 +34,13 @@ class SortDigits:
         generator = torch.Generator().manual_seed(seed)
         self.train = self._generate(n_train, generator)
         self.val = self._generate(n_val, generator)
+
+    @classmethod
+    def check_arguments(cls, arguments: dict) -> Iterator[tuple[str, str]]:
+        min_len, max_len = arguments["min_len"], arguments["max_len"]
+        if min_len > max_len:
+            yield "min_len", (f"min_len={min_len} is longer than max_len={max_len}; "
+                              f"lower min_len to {max_len} or raise max_len to {min_len}")
 
     def _generate(self, n: int, generator: torch.Generator) -> TensorExamples:
         lengths = torch.randint(self.min_len, self.max_len + 1, (n,), generator=generator)

@@ -27,19 +27,23 @@ are tested against the Hugging Face implementations of GPT-1 and GPT-2 with the 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Iterator
+from typing import Annotated, Literal
 
 import torch
 from torch import nn
 
+from papertrain.config.constraints import PositiveFloat, PositiveInt, Range
 from papertrain.recipes.transformers.blocks.model import Activation, LearnedPositions, TransformerLayer
+from papertrain.recipes.transformers.mha.model import MultiHeadAttention
 
 
 class GPT(nn.Module):
-    def __init__(self, vocab_size: int, block_size: int, n_layers: int = 12, n_heads: int = 12, d_model: int = 768,
-                 d_ff: int | None = None, dropout: float = 0.1, norm_first: bool = False,
+    def __init__(self, vocab_size: PositiveInt, block_size: PositiveInt, n_layers: PositiveInt = 12,
+                 n_heads: PositiveInt = 12, d_model: PositiveInt = 768, d_ff: PositiveInt | None = None,
+                 dropout: Annotated[float, Range(ge=0, lt=1)] = 0.1, norm_first: bool = False,
                  activation: Activation = "gelu", attention_backend: Literal["sdpa", "math"] = "sdpa",
-                 norm_eps: float = 1e-5):
+                 norm_eps: PositiveFloat = 1e-5):
         super().__init__()
         self.vocab_size, self.block_size = vocab_size, block_size
         self.n_layers, self.d_model = n_layers, d_model
@@ -57,6 +61,11 @@ class GPT(nn.Module):
         self.lm_head.weight = self.token_embedding.weight  # P(u) = softmax(h_n W_eᵀ): tied
         self.scale_residual_init = norm_first
         self.reset_parameters()
+
+    @classmethod
+    def check_arguments(cls, arguments: dict) -> Iterator[tuple[str, str]]:
+        """Every layer's attention splits d_model into n_heads heads, so n_heads must divide it."""
+        yield from MultiHeadAttention.check_arguments(arguments)
 
     def init_weights(self, name: str, module: nn.Module) -> None:
         """N(0, 0.02) for every weight matrix (GPT-1 §4.1); zero biases; unit LayerNorm gains.

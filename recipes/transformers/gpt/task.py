@@ -5,11 +5,13 @@ cross-entropy of every next token in every window. On characters the loss is in 
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from papertrain.config.constraints import NonNegativeFloat, NonNegativeInt, PositiveInt, Range
 from papertrain.errors import PapertrainError
 from papertrain.recipes.lm.sampling.model import Sampler, generate
 
@@ -17,8 +19,8 @@ from papertrain.recipes.lm.sampling.model import Sampler, generate
 class LanguageModelTask:
     unit = "tokens"
 
-    def __init__(self, prompt: str = "\n", sample_tokens: int = 500, temperature: float = 0.8,
-                 top_k: int | None = None, top_p: float | None = None):
+    def __init__(self, prompt: str = "\n", sample_tokens: NonNegativeInt = 500, temperature: NonNegativeFloat = 0.8,
+                 top_k: PositiveInt | None = None, top_p: Annotated[float, Range(gt=0, le=1)] | None = None):
         self.prompt = prompt
         self.sample_tokens = sample_tokens
         self.sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p)

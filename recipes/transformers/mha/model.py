@@ -29,11 +29,14 @@ same function without materialising the [T_q, T_k] matrix in training. The tests
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Iterator
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from papertrain.config.constraints import PositiveInt, Range
 
 
 def causal_mask(t_q: int, t_k: int, device: torch.device | None = None) -> torch.Tensor:
@@ -73,8 +76,8 @@ class MultiHeadAttention(nn.Module):
     `torch.nn.MultiheadAttention.in_proj_weight`): self-attention then needs one matrix product.
     """
 
-    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = True,
-                 backend: Literal["sdpa", "math"] = "sdpa"):
+    def __init__(self, d_model: PositiveInt, n_heads: PositiveInt, dropout: Annotated[float, Range(ge=0, lt=1)] = 0.0,
+                 bias: bool = True, backend: Literal["sdpa", "math"] = "sdpa"):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
@@ -83,6 +86,16 @@ class MultiHeadAttention(nn.Module):
         self.backend = backend
         self.qkv_proj = nn.Linear(d_model, 3 * d_model, bias=bias)  # [W^Q; W^K; W^V], all heads
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)  # W^O
+
+    @classmethod
+    def check_arguments(cls, arguments: dict) -> Iterator[tuple[str, str]]:
+        """Each head gets d_k = d_model / h dimensions (§3.2.2), so h must divide d_model. Models built of
+        these layers call this from their own check_arguments."""
+        d_model, n_heads = arguments["d_model"], arguments["n_heads"]
+        if d_model % n_heads:
+            near = min((h for h in range(1, d_model + 1) if d_model % h == 0), key=lambda h: (abs(h - n_heads), -h))
+            yield "n_heads", (f"d_model={d_model} must be divisible by n_heads={n_heads} (each head gets "
+                              f"d_model/n_heads dimensions); e.g. n_heads={near}")
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, d_model] -> [B, H, T, d_k]: head i gets features i·d_k .. (i+1)·d_k."""
@@ -145,8 +158,9 @@ class LookupNetwork(nn.Module):
     run can plot where each query looked.
     """
 
-    def __init__(self, vocab_size: int, n_classes: int, d_model: int = 64, n_heads: int = 4, n_layers: int = 1,
-                 d_ff: int = 128, backend: Literal["sdpa", "math"] = "sdpa"):
+    def __init__(self, vocab_size: PositiveInt, n_classes: PositiveInt, d_model: PositiveInt = 64,
+                 n_heads: PositiveInt = 4, n_layers: PositiveInt = 1, d_ff: PositiveInt = 128,
+                 backend: Literal["sdpa", "math"] = "sdpa"):
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, d_model)
         self.attention = nn.ModuleList(MultiHeadAttention(d_model, n_heads, backend=backend)
@@ -155,6 +169,10 @@ class LookupNetwork(nn.Module):
         self.ffn = nn.ModuleList(nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, d_ff), nn.GELU(),
                                                nn.Linear(d_ff, d_model)) for _ in range(n_layers))
         self.head = nn.Sequential(nn.LayerNorm(d_model), nn.Linear(d_model, n_classes))
+
+    @classmethod
+    def check_arguments(cls, arguments: dict) -> Iterator[tuple[str, str]]:
+        yield from MultiHeadAttention.check_arguments(arguments)
 
     def forward(self, tokens: torch.Tensor, return_weights: bool = False
                 ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:

@@ -9,10 +9,13 @@ that key. Chance accuracy is 1/n_values; a network without attention cannot read
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from papertrain.config.constraints import PositiveInt, Seed
 from papertrain.data.tensors import TensorExamples
 from papertrain.errors import PapertrainError
 
@@ -20,8 +23,8 @@ from papertrain.errors import PapertrainError
 class DictionaryLookup:
     """Generated dictionaries; entry token = key·n_values + value, query token = n_keys·n_values + key."""
 
-    def __init__(self, n_keys: int = 16, n_values: int = 16, n_entries: int = 8, n_train: int = 50_000,
-                 n_val: int = 2_000, seed: int = 0):
+    def __init__(self, n_keys: PositiveInt = 16, n_values: PositiveInt = 16, n_entries: PositiveInt = 8,
+                 n_train: PositiveInt = 50_000, n_val: PositiveInt = 2_000, seed: Seed = 0):
         if n_entries > n_keys:
             raise PapertrainError(f"data.n_entries={n_entries} needs at least as many distinct keys "
                                   f"(data.n_keys={n_keys})", "raise data.n_keys or lower data.n_entries")
@@ -31,6 +34,14 @@ class DictionaryLookup:
         generator = torch.Generator().manual_seed(seed)
         self.train = self._generate(n_train, generator)
         self.val = self._generate(n_val, generator)
+
+    @classmethod
+    def check_arguments(cls, arguments: dict) -> Iterator[tuple[str, str]]:
+        """The entries of one dictionary have distinct keys, so there must be at least as many keys."""
+        n_entries, n_keys = arguments["n_entries"], arguments["n_keys"]
+        if n_entries > n_keys:
+            yield "n_entries", (f"n_entries={n_entries} needs at least as many distinct keys (n_keys={n_keys}); "
+                                f"raise n_keys to {n_entries} or lower n_entries to {n_keys}")
 
     def _generate(self, n: int, generator: torch.Generator) -> TensorExamples:
         keys = torch.rand(n, self.n_keys, generator=generator).argsort(dim=1)[:, :self.n_entries]  # distinct

@@ -31,12 +31,15 @@ q, k, v per layer instead of recomputing all t rows, and attention reads the cac
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from papertrain.config.constraints import PositiveFloat, PositiveInt, Probability
 
 Activation = Literal["gelu", "gelu_fast", "gelu_new", "relu"]
 
@@ -191,10 +194,11 @@ class NeoXLayer(nn.Module):
 class GPTNeoX(nn.Module):
     """The decoder: embed_in -> layers -> final LayerNorm -> embed_out (untied). Logits [B, T, vocab]."""
 
-    def __init__(self, vocab_size: int = 50432, d_model: int = 6144, n_layers: int = 44, n_heads: int = 64,
-                 d_ff: int | None = None, block_size: int = 2048, rotary_pct: float = 0.25,
-                 rotary_base: float = 10_000.0, norm_eps: float = 1e-5, activation: Activation = "gelu_fast",
-                 parallel_residual: bool = True, attention_bias: bool = True, init_std: float = 0.02):
+    def __init__(self, vocab_size: PositiveInt = 50432, d_model: PositiveInt = 6144, n_layers: PositiveInt = 44,
+                 n_heads: PositiveInt = 64, d_ff: PositiveInt | None = None, block_size: PositiveInt = 2048,
+                 rotary_pct: Probability = 0.25, rotary_base: PositiveFloat = 10_000.0, norm_eps: PositiveFloat = 1e-5,
+                 activation: Activation = "gelu_fast", parallel_residual: bool = True, attention_bias: bool = True,
+                 init_std: PositiveFloat = 0.02):
         super().__init__()
         self.vocab_size, self.block_size = vocab_size, block_size
         self.d_model, self.n_layers, self.n_heads = d_model, n_layers, n_heads
@@ -207,6 +211,23 @@ class GPTNeoX(nn.Module):
         self.final_layer_norm = nn.LayerNorm(d_model, eps=norm_eps)
         self.embed_out = nn.Linear(d_model, vocab_size, bias=False)
         self.reset_parameters()
+
+    @classmethod
+    def check_arguments(cls, arguments: dict) -> Iterator[tuple[str, str]]:
+        """Heads of d_model/n_heads dimensions, of which int(head_dim·rotary_pct) rotate in pairs (§2.1.1)."""
+        d_model, n_heads, rotary_pct = arguments["d_model"], arguments["n_heads"], arguments["rotary_pct"]
+        if d_model % n_heads:
+            near = min((h for h in range(1, d_model + 1) if d_model % h == 0), key=lambda h: (abs(h - n_heads), -h))
+            yield "n_heads", (f"d_model={d_model} must be divisible by n_heads={n_heads} (each head gets "
+                              f"d_model/n_heads dimensions); e.g. n_heads={near}")
+            return
+        head_dim = d_model // n_heads
+        rotated = int(head_dim * rotary_pct)
+        if rotated % 2:
+            fits = [p for p in (round((rotated - 1) / head_dim, 4), round((rotated + 1) / head_dim, 4), 0.0)
+                    if 0 <= p <= 1 and int(head_dim * p) % 2 == 0]
+            yield "rotary_pct", (f"rotary_pct={rotary_pct} of head_dim={head_dim} (d_model/n_heads) rotates {rotated} "
+                                 f"dimensions, an odd count (they rotate in pairs); e.g. rotary_pct={fits[0]:g}")
 
     def init_weights(self, name: str, module: nn.Module) -> None:
         """For training from scratch: N(0, 0.02) matrices, zero biases. NeoX-20B itself used 'small init'

@@ -40,10 +40,13 @@ shorter (see the README), and the student is compared with itself trained alone 
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from papertrain.config.constraints import PositiveInt, Range
 from papertrain.errors import PapertrainError
 
 IMAGE_SHAPE = (1, 28, 28)
@@ -82,7 +85,8 @@ class MLP(nn.Module):
     `dropout` applies to each hidden layer's output (the paper's teacher used dropout; its student none).
     """
 
-    def __init__(self, hidden: list[int], num_classes: int = 10, dropout: float = 0.0):
+    def __init__(self, hidden: list[PositiveInt], num_classes: PositiveInt = 10,
+                 dropout: Annotated[float, Range(ge=0, lt=1)] = 0.0):
         super().__init__()
         self.num_classes = num_classes
         self.image_shape = IMAGE_SHAPE

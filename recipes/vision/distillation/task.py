@@ -14,13 +14,14 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from papertrain.classification import ClassificationTask
+from papertrain.config.constraints import NonNegativeInt, PositiveFloat, PositiveInt, Probability, Range, Seed
 from papertrain.data.sources import cache_dir
 from papertrain.errors import PapertrainError
 from papertrain.recipes.vision.distillation.model import MLP, distillation_loss
@@ -37,9 +38,11 @@ class DistillationTask(ClassificationTask):
     jitter; its student: neither).
     """
 
-    def __init__(self, temperature: float = 20.0, alpha: float = 0.9, teacher_hidden: list[int] = (1200, 1200),
-                 teacher_dropout: float = 0.3, teacher_jitter: int = 2, teacher_steps: int = 5000,
-                 teacher_batch_size: int = 128, teacher_lr: float = 1e-3, teacher_seed: int = 0,
+    def __init__(self, temperature: PositiveFloat = 20.0, alpha: Probability = 0.9,
+                 teacher_hidden: list[PositiveInt] = (1200, 1200),
+                 teacher_dropout: Annotated[float, Range(ge=0, lt=1)] = 0.3,
+                 teacher_jitter: NonNegativeInt = 2, teacher_steps: PositiveInt = 5000,
+                 teacher_batch_size: PositiveInt = 128, teacher_lr: PositiveFloat = 1e-3, teacher_seed: Seed = 0,
                  teacher_path: str | None = None):
         if temperature <= 0:
             raise PapertrainError(f"task.temperature={temperature} must be > 0",

@@ -40,9 +40,8 @@ evidence removed*, towards the uniform Dirichlet Dir(1, ..., 1) (total uncertain
 λ_t = min(1, t/10), t the epoch, anneals the term in slowly, so that the network first learns the
 classes before it is told to doubt. We count t in optimizer steps: λ_t = min(1, t / `annealing_steps`).
 
-**The step count.** The task interface gives a loss no step number, so `EvidentialLeNet` counts its own
-training forward passes in a buffer, `trained_steps`: it checkpoints and resumes with the weights, and
-every rank counts the same. (With `trainer.grad_accum_steps` = m it counts m per optimizer step.)
+**The step count.** The loss reads t from the training loop's context (`ctx.step`, the optimizer steps
+taken before this one), so the annealing resumes exactly with the run and is the same on every rank.
 
 The network is the paper's LeNet: two 5x5 convolutions (20 and 50 filters) with max pooling, a fully
 connected layer of 500 units, and K outputs read as evidence.
@@ -57,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from papertrain.config.constraints import PositiveInt
 from papertrain.errors import PapertrainError
 
 Evidence = Literal["relu", "softplus", "exp"]
@@ -136,9 +136,10 @@ def evidential_loss(outputs: torch.Tensor, labels: torch.Tensor, annealing: floa
 
 class EvidentialLeNet(nn.Module):
     """LeNet (conv 5x5 x `channels[0]`, pool, conv 5x5 x `channels[1]`, pool, fc `hidden`, fc K) whose K
-    outputs are read as evidence; counts its training forward passes in `trained_steps` (for λ_t)."""
+    outputs are read as evidence."""
 
-    def __init__(self, num_classes: int = 10, channels: tuple[int, int] = (20, 50), hidden: int = 500):
+    def __init__(self, num_classes: PositiveInt = 10, channels: tuple[PositiveInt, PositiveInt] = (20, 50),
+                 hidden: PositiveInt = 500):
         super().__init__()
         self.num_classes = num_classes
         self.image_shape = IMAGE_SHAPE
@@ -146,18 +147,12 @@ class EvidentialLeNet(nn.Module):
         self.conv2 = nn.Conv2d(channels[0], channels[1], kernel_size=5)  # 12 -> 8, pooled to 4
         self.fc = nn.Linear(channels[1] * 4 * 4, hidden)
         self.output = nn.Linear(hidden, num_classes)
-        self.register_buffer("trained_steps", torch.zeros((), dtype=torch.long))
-
-    def reset_parameters(self) -> None:
-        self.trained_steps.zero_()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images: [B, 1, 28, 28] -> outputs [B, K] (evidence = ReLU/softplus/exp of these)."""
         if tuple(images.shape[1:]) != self.image_shape:
             raise PapertrainError(f"EvidentialLeNet takes images of shape {list(self.image_shape)}, got "
                                   f"{list(images.shape[1:])}", "use 28x28 grey images (data.dataset=mnist)")
-        if self.training and torch.is_grad_enabled():
-            self.trained_steps += 1
         h = F.max_pool2d(F.relu(self.conv1(images)), 2)  # [B, c1, 12, 12]
         h = F.max_pool2d(F.relu(self.conv2(h)), 2)  # [B, c2, 4, 4]
         return self.output(F.relu(self.fc(h.flatten(1))))

@@ -10,28 +10,23 @@ import torch
 from torch import nn
 
 from papertrain.classification import ClassificationTask
+from papertrain.config.constraints import NonNegativeInt
 from papertrain.errors import PapertrainError
 from papertrain.recipes.vision.evidential.model import LOSSES, evidential_loss, opinion, rotate, to_evidence
 
 ANGLES = list(range(0, 181, 10))  # Fig. 3: 0° to 180°
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module itself under a DDP or DeepSpeed wrapper (both keep it as `.module`)."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
-
-
 class EvidentialTask(ClassificationTask):
     """loss:            mse (eq. 5, the paper's main choice), log (eq. 3) or digamma (eq. 4)
     evidence:        relu (the paper), softplus or exp
-    annealing_steps: λ_t = min(1, t / annealing_steps), t = optimizer steps so far (the paper: 10 epochs)
+    annealing_steps: λ_t = min(1, t / annealing_steps), t = optimizer steps so far, read from the training
+                     loop's context `ctx.step` (the paper: 10 epochs)
     rotated_digit:   the digit whose rotations the sample plots (the paper's Fig. 3 rotates a "1")
     """
 
-    def __init__(self, loss: str = "mse", evidence: str = "relu", annealing_steps: int = 1000,
-                 rotated_digit: int = 1):
+    def __init__(self, loss: str = "mse", evidence: str = "relu", annealing_steps: NonNegativeInt = 1000,
+                 rotated_digit: NonNegativeInt = 1):
         if loss not in LOSSES:
             raise PapertrainError(f"task.loss={loss!r} is not one of the paper's losses",
                                   "use task.loss=mse (eq. 5), log (eq. 3) or digamma (eq. 4)")
@@ -47,28 +42,26 @@ class EvidentialTask(ClassificationTask):
 
     def prepare(self, model: nn.Module, data: Any) -> None:
         super().prepare(model, data)  # the model's classes are the data's
-        if not hasattr(model, "trained_steps"):
-            raise PapertrainError(f"{type(model).__name__} does not count its training steps (trained_steps), "
-                                  "which the KL annealing λ_t needs", "use model._component_: "
-                                  "papertrain.recipes.vision.evidential.model.EvidentialLeNet")
         if not 0 <= self.rotated_digit < data.num_classes:
             raise PapertrainError(f"task.rotated_digit={self.rotated_digit} is not a class of {data.dataset}",
                                   f"use a class index in 0..{data.num_classes - 1}")
 
-    def annealing(self, model: nn.Module) -> float:
-        """λ_t = min(1, t / annealing_steps), with t the training steps the model has taken before this one."""
+    def annealing(self, step: int) -> float:
+        """λ_t = min(1, t / annealing_steps), with t = `step`, the optimizer steps taken before this one."""
         if self.annealing_steps == 0:
             return 1.0
-        return min(1.0, float(unwrap(model).trained_steps) / self.annealing_steps)
+        return min(1.0, step / self.annealing_steps)
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        annealing = self.annealing(model)  # read before the forward pass counts this step
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: Any
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        annealing = self.annealing(ctx.step)
         return evidential_loss(model(batch["image"]), batch["label"], annealing, self.loss_name, self.evidence)
 
-    def evaluate(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def evaluate(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: Any) -> dict[str, Any]:
         """Loss (at the current λ_t), accuracy, mean uncertainty u, and u over the correct and the wrong answers."""
         outputs = model(batch["image"])
-        loss, parts = evidential_loss(outputs, batch["label"], self.annealing(model), self.loss_name, self.evidence)
+        loss, parts = evidential_loss(outputs, batch["label"], self.annealing(ctx.step), self.loss_name,
+                                      self.evidence)
         _, u, p = opinion(to_evidence(outputs.float(), self.evidence) + 1)
         correct = p.argmax(-1) == batch["label"]
         return {"loss": loss, "accuracy": parts["accuracy"], "uncertainty": parts["uncertainty"],

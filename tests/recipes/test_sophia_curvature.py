@@ -1,8 +1,8 @@
-"""The trainer's curvature hook (for Sophia, recipes/optim/sophia): an optimizer that declares
-`curvature_every = k` and `update_curvature(num_samples)` gets, before every k-th step, the gradient of
-the loss on labels sampled from the model itself, over the whole global batch, reduced across ranks as
-a training gradient is; the pass leaves the training step untouched, resumes exactly, and gives the
-same result on 1 process and on 2 ranks."""
+"""Sophia's curvature pass, a callback the optimizer ships (recipes/optim/sophia/curvature.py): before every
+k-th step, the optimizer's `update_curvature(num_samples)` gets the gradient of the loss on labels sampled
+from the model itself, over the whole global batch, reduced across ranks as a training gradient is; the
+pass leaves the training step untouched, resumes exactly, and gives the same result on 1 process and on
+2 ranks."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from papertrain.recipes.transformers.gpt.task import LanguageModelTask
 from papertrain.trainer import Trainer
 
 SOPHIA = RECIPES / "optim" / "sophia" / "tiny.yaml"
-SHORT = ["trainer.max_steps=10", "scheduler.total_steps=10", "optimizer.curvature_every=3"]
+SHORT = ["trainer.max_steps=10", "scheduler.total_steps=10", "optimizer.curvature_every=3",
+         f"trust=[{__name__}]"]  # the test's own optimizer and task classes
 
 
 class RecordingSophia(SophiaG):
