@@ -3,7 +3,9 @@
     prepare(ctx)                   once, before any work: check what the callback needs (raise PapertrainError)
     before_step(ctx)               the step's batch is on ctx (ctx.micro_batches), nothing computed yet
     after_step(ctx, metrics)       the optimizer(s) stepped; ctx.step counts the step just taken
-    after_evaluation(ctx, metrics) validation metrics of this step
+    before_evaluation(ctx)         e.g. swap averaged weights in (papertrain/nn/ema.py) ...
+    after_evaluation(ctx, metrics) ... and out again; the validation metrics of this step
+    before_sample(ctx), after_sample(ctx)   the same around samples
 
 A callback is any object with some of these methods (`Callback` below is an optional base). They come
 from two places, by name:
@@ -21,7 +23,7 @@ from typing import Any
 
 from papertrain.errors import PapertrainError
 
-HOOKS = ("before_step", "after_step", "after_evaluation")
+HOOKS = ("before_step", "after_step", "before_evaluation", "after_evaluation", "before_sample", "after_sample")
 
 
 class Callback:
@@ -36,7 +38,16 @@ class Callback:
     def after_step(self, ctx: Any, metrics: dict[str, Any]) -> None:
         pass
 
+    def before_evaluation(self, ctx: Any) -> None:
+        pass
+
     def after_evaluation(self, ctx: Any, metrics: dict[str, float]) -> None:
+        pass
+
+    def before_sample(self, ctx: Any) -> None:
+        pass
+
+    def after_sample(self, ctx: Any) -> None:
         pass
 
 
@@ -72,3 +83,21 @@ class Callbacks:
     def stateful(self) -> dict[str, Any]:
         return {f"callback.{name}": cb for name, cb in self.named.items()
                 if callable(getattr(cb, "state_dict", None)) and callable(getattr(cb, "load_state_dict", None))}
+
+
+class StopAtGoal(Callback):
+    """End the run (as completed) once a validation metric crosses a threshold: a learning test stops as
+    soon as it has shown what it set out to show, e.g.
+    `callbacks.goal={_component_: papertrain.callbacks.StopAtGoal, metric: val/mean_return, at_least: 475}`."""
+
+    def __init__(self, metric: str, at_least: float | None = None, at_most: float | None = None):
+        if (at_least is None) == (at_most is None):
+            raise PapertrainError("StopAtGoal needs exactly one of at_least, at_most", "e.g. at_least: 0.95")
+        self.metric, self.at_least, self.at_most = metric, at_least, at_most
+
+    def after_evaluation(self, ctx: Any, metrics: dict[str, float]) -> None:
+        value = metrics.get(self.metric)
+        if value is None:
+            return
+        if (self.at_least is not None and value >= self.at_least) or (self.at_most is not None and value <= self.at_most):
+            ctx.request_stop(f"{self.metric} {value:.4g} reached the goal")

@@ -37,7 +37,7 @@ def _components(tree: Any, key: str = "") -> Iterator[tuple[str, dict[str, Any]]
 def run_issues(tree: dict[str, Any], policy: ComponentPolicy, origins: Origins, default_where: str
                ) -> list[ConfigIssue]:
     """Every mismatch between what this validated config needs and what its strategy can do."""
-    from papertrain.strategies import STRATEGIES, strategy_class
+    from papertrain.strategies import strategy_class, strategy_table
 
     issues: list[ConfigIssue] = []
 
@@ -45,7 +45,7 @@ def run_issues(tree: dict[str, Any], policy: ComponentPolicy, origins: Origins, 
         issues.append(ConfigIssue(origin_of(key, origins) or default_where, key, message))
 
     strategy_name = (tree.get("strategy") or {}).get("name", "single")
-    if strategy_name not in STRATEGIES:
+    if strategy_name not in strategy_table():
         return issues  # the schema reports it
     strategy = strategy_class(strategy_name)
     task = locate(tree["task"][COMPONENT_KEY], policy)
@@ -95,7 +95,7 @@ def run_issues(tree: dict[str, Any], policy: ComponentPolicy, origins: Origins, 
 
     for need, key in needs.items():
         if need not in strategy.capabilities:
-            able = [n for n in STRATEGIES if need in strategy_class(n).capabilities]
+            able = [n for n in strategy_table() if need in strategy_class(n).capabilities]
             report("strategy.name", f"{CAPABILITIES.get(need, need)} (from `{key}`) cannot run under "
                                     f"strategy={strategy_name}{_why(strategy)}; strategies that can: {', '.join(able)}")
 

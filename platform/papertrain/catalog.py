@@ -82,13 +82,15 @@ class Recipe:
         metric = self.goal.metric if self.goal else next(iter(result.get("metrics", {})), None)
         value = result.get("metrics", {}).get(metric)
         shown = f"{metric} {value:.4g}" if isinstance(value, (int, float)) else ""
-        return f"{shown} in {result.get('wall_s', 0) / 60:.1f} min ({result.get('date', '?')})"
+        wall = result.get("wall_s", 0)
+        took = f"{wall:.0f} s" if wall < 60 else f"{wall / 60:.1f} min"
+        return f"{shown} in {took} ({result.get('date', '?')})"
 
 
 def recipes_root() -> Path:
-    import papertrain.recipes
+    from papertrain.registry import recipes_root as root
 
-    return Path(papertrain.recipes.__file__).parent
+    return root()
 
 
 def discover(root: Path | None = None) -> dict[str, Recipe]:

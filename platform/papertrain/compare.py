@@ -5,6 +5,8 @@ same student alone) lists them in the `compare:` section of its meta.yaml:
 
     compare:
       metric: val/loss                        # the table's column and the plot's right panel
+      lower_is_better: true                   # (default: as the recipe's goal says, else true for losses)
+      log_scale: false                        # the metric's axes log-log (a solver's exploitability)
       overrides: [trainer.max_steps=600]      # for every variant (optional)
       variants:                               # name -> where its config comes from and what it changes
         Adam: {config: adam}                  #   a recipe (`adam`, `adam:tiny`) or this recipe's config name
@@ -50,6 +52,8 @@ class Comparison:
     metric: str
     variants: list[Variant]
     results: list[dict[str, Any]] = field(default_factory=list)
+    lower_is_better: bool = True
+    log_scale: bool = False
 
 
 def load_comparison(recipe: Recipe, overrides: list[str], only: list[str] | None = None) -> Comparison:
@@ -86,7 +90,12 @@ def load_comparison(recipe: Recipe, overrides: list[str], only: list[str] | None
         variants = [v for v in variants if v.name in only or v.folder in only]
     for variant in variants:  # every config must validate before the first one trains
         load_config(variant.config, variant.overrides)
-    return Comparison(recipe, str(section.get("metric", "val/loss")), variants)
+    metric = str(section.get("metric", "val/loss"))
+    lower = section.get("lower_is_better")
+    if lower is None:  # the recipe's goal says which way is better; else losses and errors go down
+        goal = recipe.goal if recipe.goal is not None and recipe.goal.metric == metric else None
+        lower = goal.at_most is not None if goal else ("loss" in metric or "error" in metric)
+    return Comparison(recipe, metric, variants, lower_is_better=bool(lower), log_scale=bool(section.get("log_scale")))
 
 
 def run_comparison(comparison: Comparison, run_dir: Path) -> str:
@@ -120,18 +129,20 @@ def write_outputs(comparison: Comparison, run_dir: Path, title: str) -> list[Pat
     metric = comparison.metric
     (run_dir / "comparison.json").write_text(json.dumps({"recipe": comparison.recipe.name, "metric": metric,
                                                          "variants": comparison.results}, indent=2) + "\n")
-    lower_is_better = "loss" in metric or "error" in metric
     values = [r[metric] for r in comparison.results if isinstance(r[metric], (int, float))]
-    best = (min if lower_is_better else max)(values) if values else None
-    lines = [f"| variant | {metric} | final train loss | steps | wall time |", "|---|---|---|---|---|"]
+    best = (min if comparison.lower_is_better else max)(values) if values else None
+    with_loss = any(isinstance(r["train/loss"], (int, float)) for r in comparison.results)
+    header = f"| variant | {metric} |" + (" final train loss |" if with_loss else "") + " steps | wall time |"
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in comparison.results:
         value = r[metric]
-        shown = f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+        shown = f"{value:.4g}" if isinstance(value, (int, float)) else "-"
         if value == best:
             shown = f"**{shown}**"
         train = f"{r['train/loss']:.4f}" if isinstance(r["train/loss"], (int, float)) else "-"
-        wall = f"{r['wall_s'] / 60:.1f} min" if isinstance(r["wall_s"], (int, float)) else "-"
-        lines.append(f"| {r['variant']} | {shown} | {train} | {r['steps']} | {wall} |")
+        wall = (("-" if not isinstance(r["wall_s"], (int, float)) else f"{r['wall_s']:.0f} s" if r["wall_s"] < 60
+                 else f"{r['wall_s'] / 60:.1f} min"))
+        lines.append(f"| {r['variant']} | {shown} |" + (f" {train} |" if with_loss else "") + f" {r['steps']} | {wall} |")
     (run_dir / "comparison.md").write_text("\n".join(lines) + "\n")
     _plot(comparison, run_dir, title)
     return [run_dir / name for name in OUTPUTS]
@@ -146,26 +157,35 @@ def _plot(comparison: Comparison, run_dir: Path, title: str) -> None:
     from papertrain.metrics import read_metrics, smooth
 
     metric = comparison.metric
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for index, result in enumerate(comparison.results):
+    curves = [read_metrics(run_dir / r["folder"] / "metrics.jsonl") for r in comparison.results]
+    with_loss = any(isinstance(e.get("train/loss"), (int, float)) for events in curves for e in events)
+    if with_loss:
+        figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    else:  # a solver: nothing but the metric to show
+        figure, right = plt.subplots(figsize=(7.5, 4.5))
+        left = None
+    for index, (result, events) in enumerate(zip(comparison.results, curves)):
         color = f"C{index % 10}"
-        events = read_metrics(run_dir / result["folder"] / "metrics.jsonl")
         train = [(e["step"], e["train/loss"]) for e in events if isinstance(e.get("train/loss"), (int, float))]
         measured = [(e["step"], e[metric]) for e in events if isinstance(e.get(metric), (int, float))]
-        if train:
+        if train and left is not None:
             steps, losses = zip(*train)
             left.plot(steps, smooth(losses), color=color, linewidth=1.6, label=result["variant"])
         if measured:
             steps, values = zip(*measured)
             right.plot(steps, values, "o-", color=color, linewidth=1.6, markersize=4, label=result["variant"])
     figure.suptitle(title, fontsize=11)  # above both panels: a long title does not run off the left one
-    left.set_title("training loss (smoothed)")
-    right.set_title(metric)
-    for axis in (left, right):
+    right.set_title(metric + (" (log-log)" if comparison.log_scale else ""))
+    if comparison.log_scale:
+        right.set_xscale("log")
+        right.set_yscale("log")
+    if left is not None:
+        left.set_title("training loss (smoothed)")
+        left.set_ylabel("loss")
+    for axis in (a for a in (left, right) if a is not None):
         axis.set_xlabel("step")
-        axis.grid(alpha=0.3)
+        axis.grid(alpha=0.3, which="both")
         axis.legend(fontsize=8)
-    left.set_ylabel("loss")
     figure.tight_layout()
     figure.savefig(run_dir / "comparison.png", dpi=110)
     plt.close(figure)

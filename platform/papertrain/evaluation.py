@@ -7,7 +7,8 @@
 A metric is averaged weighted by `task.count(batch)` (the units its mean is over), or, when the task
 returns it as a `(total, count)` pair, summed as such (e.g. exact matches per sequence). Tasks whose
 evaluation is not a pass over validation batches (an RL agent's episodes, a solver's exploitability)
-define `evaluate_all(ctx) -> metrics` and are called once per evaluation instead.
+define `evaluate_all(ctx) -> metrics` (means, or `(total, count)` pairs summed over ranks) and are called
+once per evaluation instead. `evaluate` and `sample` are given the loop's context when they take `ctx`.
 """
 
 from __future__ import annotations
@@ -48,12 +49,20 @@ class Evaluator:
             if callable(getattr(self.task, "evaluate_all", None)):
                 with torch.no_grad():
                     values = self.task.evaluate_all(ctx)
-                means = self.strategy.mean_across_ranks({k: float(v) for k, v in values.items()})
+                means = self._across_ranks(values)
             else:
                 means = self._over_batches(model, ctx)
         finally:
             model.train(was_training)
         return {f"val/{k}": v for k, v in means.items()}
+
+    def _across_ranks(self, values: dict[str, Any]) -> dict[str, float]:
+        """A rank's metrics: means (averaged over ranks) or (total, count) pairs (summed, then divided)."""
+        pairs = {k: v for k, v in values.items() if isinstance(v, tuple)}
+        means = self.strategy.mean_across_ranks({k: float(v) for k, v in values.items() if k not in pairs})
+        sums = self.strategy.sum_across_ranks({f"{k}/{i}": float(part) for k, v in pairs.items()
+                                               for i, part in enumerate(v)})
+        return {**means, **{k: sums[f"{k}/0"] / max(sums[f"{k}/1"], 1e-12) for k in pairs}}
 
     def _over_batches(self, model: Any, ctx: Any) -> dict[str, float]:
         strategy, batch_size, device = self.strategy, self.batch_size, ctx.device
@@ -85,6 +94,8 @@ class Evaluator:
         model.eval()
         try:
             with torch.no_grad(), self.strategy.autocast():
+                if takes_context(self.task.sample):
+                    return self.task.sample(model, self.data, generator, ctx=ctx) or {}
                 return self.task.sample(model, self.data, generator) or {}
         finally:
             model.train(was_training)

@@ -39,12 +39,12 @@ def find_checkpoint(run_dir: Path, step: int | None) -> Path:
 
 def full_weights(folder: Path) -> dict[str, torch.Tensor]:
     """The complete weights of a checkpoint, whatever wrote it (tied weights under every name)."""
-    from papertrain.strategies import STRATEGIES, checkpoint_formats, strategy_class
+    from papertrain.strategies import checkpoint_formats, strategy_class, strategy_table
 
     meta = verify_checkpoint(folder, set(checkpoint_formats()))
-    if meta["strategy"] not in STRATEGIES:
+    if meta["strategy"] not in strategy_table():
         raise DamagedCheckpoint(folder, "meta.json", f"names strategy '{meta['strategy']}', which papertrain does "
-                                                     f"not have ({', '.join(STRATEGIES)})")
+                                                     f"not have ({', '.join(strategy_table())})")
     reader = strategy_class(meta["strategy"])
     if reader.checkpoint_format != meta["format"]:
         raise DamagedCheckpoint(folder, "meta.json", f"says format '{meta['format']}', but strategy "

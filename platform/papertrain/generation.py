@@ -113,7 +113,9 @@ def _load_checkpoint(model: nn.Module, run_dir: Path, step: int | None) -> Path:
 def generate_text(generator: Generator, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
                   top_p: float | None, seed: int, out: TextIO | None = None) -> dict[str, float]:
     """Print the prompt, then each new token's text as soon as it is drawn; return timing figures."""
-    from papertrain.recipes.lm.sampling.model import Sampler, stream
+    from papertrain.registry import lookup
+
+    Sampler, stream = lookup("generation", "sampler"), lookup("generation", "stream")  # the sampling recipe
 
     out = out or sys.stdout  # (looked up now: the default stream may have been replaced since import)
 

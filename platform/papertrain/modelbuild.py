@@ -66,9 +66,10 @@ def check_combination(run: RunConfig, strategy_name: str, precision: str, traini
 
 
 def quantize(model: nn.Module, quant: QuantConfig) -> Any:
-    from papertrain.recipes.quantization.llm_int8.model import quantize_linears
+    """The quantizer a recipe provides under `quant.mode` (int8: recipes/quantization/llm_int8)."""
+    from papertrain.registry import lookup
 
-    return quantize_linears(model, backend=quant.backend, threshold=quant.threshold, skip=quant.skip)
+    return lookup("quantizers", quant.mode)(model, backend=quant.backend, threshold=quant.threshold, skip=quant.skip)
 
 
 def freeze(model: nn.Module, finetune: FinetuneConfig | None) -> None:
@@ -77,10 +78,11 @@ def freeze(model: nn.Module, finetune: FinetuneConfig | None) -> None:
     if train == "biases":
         for parameter in model.parameters():
             parameter.requires_grad_(parameter.dim() < 2)
-    elif train == "lora":
-        from papertrain.recipes.finetune.lora.model import apply_lora
+    elif train != "all":  # a method a recipe provides (lora: recipes/finetune/lora)
+        from papertrain.registry import lookup
 
-        apply_lora(model, **dataclasses.asdict(finetune.lora))
+        settings = getattr(finetune, train, None)
+        lookup("finetune", train)(model, **(dataclasses.asdict(settings) if settings is not None else {}))
     if train != "all":
         for parameter in model.parameters():  # trainable parameters are kept (and updated) in fp32
             if parameter.requires_grad and parameter.dtype != torch.float32:

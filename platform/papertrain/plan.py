@@ -89,8 +89,19 @@ class Estimate:
 
 
 def optimizer_bytes_per_parameter(config: LoadedConfig) -> tuple[int, str]:
-    name = config.run.optimizer["_component_"].rsplit(".", 1)[-1]
-    if name == "SGD" and not config.run.optimizer.get("momentum"):
+    """Bytes of optimizer state per parameter: of the one optimizer, the largest of named ones, 0 for none."""
+    sections = ([config.run.optimizer] if config.run.optimizer is not None
+                else list((config.run.optimizers or {}).values()))
+    if not sections:
+        return 0, "none (a solver)"
+    sized = [_state_bytes(section) for section in sections]
+    k = max(bytes_ for bytes_, _ in sized)
+    return k, ", ".join(name for _, name in sized)
+
+
+def _state_bytes(section: dict) -> tuple[int, str]:
+    name = section["_component_"].rsplit(".", 1)[-1]
+    if name == "SGD" and not section.get("momentum"):
         return 0, name
     if name in OPTIMIZER_BYTES:
         return OPTIMIZER_BYTES[name], name

@@ -41,11 +41,12 @@ class StepContext:
 
     def __init__(self, *, strategy: Any, model: nn.Module, raw_model: nn.Module, task: Any, data: Any,
                  optimizers: dict[str, torch.optim.Optimizer], schedulers: dict[str, Any], trainer: Any, seed: int,
-                 run_dir: Path):
+                 run_dir: Path, config: dict[str, Any] | None = None):
         self.strategy, self.model, self.raw_model = strategy, model, raw_model
         self.task, self.data = task, data
         self.optimizers, self.schedulers = optimizers, schedulers
         self.trainer, self.seed, self.run_dir = trainer, seed, run_dir
+        self.config = config or {}  # the run's resolved config tree (what an artifact may derive its own from)
         self.device: torch.device = strategy.device
         self.step = 0  # optimizer steps completed: 0 while the first step runs
         self.micro_batches: list[Any] = []  # this rank's share of the step's batch, one per micro-batch
@@ -55,7 +56,8 @@ class StepContext:
         self.memory_probe: Any = None
         self.memory: dict[str, float] | None = None
         self.logged: dict[str, torch.Tensor] = {}
-        self.losstakes_context = takes_context(getattr(task, "loss", None))
+        self.stop_reason: str | None = None  # set by request_stop
+        self.loss_takes_context = takes_context(getattr(task, "loss", None))
 
     # -- the optimizers ---------------------------------------------------------------------------------
     @property
@@ -77,9 +79,12 @@ class StepContext:
                                   f"to the config, or use one of: {have}")
         return self.optimizers[name]
 
-    def optimizer_step(self, name: str | None = None, clip: float | None | str = "config") -> Any:
+    def optimizer_step(self, name: str | None = None, clip: float | None | str = "config",
+                       advance_schedule: bool = True) -> Any:
         """Step optimizer `name` (default: the only one): finish its gradients across ranks, unscale, clip
-        (trainer.grad_clip unless `clip` says otherwise), step, clear its gradients, advance its schedule.
+        (trainer.grad_clip unless `clip` says otherwise), step, clear every gradient, advance its schedule
+        (`advance_schedule=False` for a step that takes many optimizer steps but counts as one, like PPO's
+        epochs over a rollout: call `ctx.advance_schedule(name)` once instead).
         Returns the gradient norm before clipping (None without clipping)."""
         optimizer = self.optimizer if name is None else self.optimizer_named(name)
         max_norm = self.trainer.grad_clip if clip == "config" else clip
@@ -87,12 +92,25 @@ class StepContext:
         norm = self.strategy.clip_and_step(self.model, optimizer, max_norm, parameters)
         if self.memory_probe is not None and self.memory is None:  # once: gradients and state now exist
             self.memory = self.memory_probe.measure(self.model)
-        self.strategy.zero_grad(optimizer)
-        scheduler = self.schedulers.get(name or next(iter(self.optimizers)))
-        if scheduler is not None:
-            scheduler.step()
+        # no gradient survives an optimizer step, this one's or another's (a GAN's discriminator loss leaves
+        # gradients in the generator too): each backward-and-step starts from zero, and a step is the same
+        # after a resume, which never saves gradients
+        for other in self.optimizers.values():
+            self.strategy.zero_grad(other)
+        if advance_schedule:
+            self.advance_schedule(name)
         self.grad_norm = norm
         return norm
+
+    def advance_schedule(self, name: str | None = None) -> None:
+        """One step of the learning-rate schedule of optimizer `name` (default: the only one)."""
+        scheduler = self.schedulers.get(name or next(iter(self.optimizers), ""))
+        if scheduler is not None:
+            scheduler.step()
+
+    def request_stop(self, reason: str) -> None:
+        """End the run after this step, as a completed run (a goal reached, an episode budget spent)."""
+        self.stop_reason = reason
 
     # -- computing --------------------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -105,7 +123,7 @@ class StepContext:
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The task's loss of one micro-batch (given this context when its signature asks for `ctx`)."""
-        if self.losstakes_context:
+        if self.loss_takes_context:
             return self.task.loss(model, batch, ctx=self)
         return self.task.loss(model, batch)
 

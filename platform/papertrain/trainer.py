@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from papertrain.artifacts import prepare_artifacts
 from papertrain.callbacks import Callbacks
 from papertrain.checkpointing import Checkpointer
 from papertrain.config import LoadedConfig, dump_yaml, locate
@@ -122,14 +123,16 @@ class Trainer:
         # random numbers (dropout masks), or all ranks would drop the same units of different examples
         seed_everything(rank_seed(cfg.seed, strategy.rank))
         self.task = self.config.build("task")
+        self.ctx = StepContext(strategy=strategy, model=self.model, raw_model=self.raw_model, task=self.task,
+                               data=self.data, optimizers=self.optimizers, schedulers={}, trainer=tc,
+                               seed=cfg.seed, run_dir=self.run_dir, config=self.config.tree)
+        if callable(getattr(self.task, "artifacts", None)):  # built once, cached (papertrain/artifacts.py)
+            self.task.use_artifacts(prepare_artifacts(self.task.artifacts(self.ctx) or {}, self.ctx))
         if callable(getattr(self.task, "prepare", None)):
             self.task.prepare(self.raw_model, self.data)
-        self.schedulers = self._build_schedulers()
+        self.schedulers = self.ctx.schedulers = self._build_schedulers()
         if tc.compile:
-            self.model = torch.compile(self.model)
-        self.ctx = StepContext(strategy=strategy, model=self.model, raw_model=self.raw_model, task=self.task,
-                               data=self.data, optimizers=self.optimizers, schedulers=self.schedulers, trainer=tc,
-                               seed=cfg.seed, run_dir=self.run_dir)
+            self.model = self.ctx.model = torch.compile(self.model)
         self.callbacks = Callbacks.collect(
             {name: self.config.build(f"callbacks.{name}", section) for name, section in (cfg.callbacks or {}).items()},
             {"model": self.raw_model, "task": self.task, "data": self.data, **self.optimizers})
@@ -265,13 +268,17 @@ class Trainer:
                 self._evaluate()
             if tc.sample_every > 0 and ctx.step % tc.sample_every == 0 and ctx.step < tc.max_steps:
                 self._sample()
-            if tc.checkpoint_every and ctx.step % tc.checkpoint_every == 0:
-                self._save()
+            if tc.checkpoint_every and ctx.step % tc.checkpoint_every == 0 and ctx.step < tc.max_steps:
+                self._save()  # (the last step's checkpoint comes after its final evaluation: _finish)
+            if self.strategy.any_rank(ctx.stop_reason is not None):  # e.g. a callback: the goal is reached
+                self.log.write(f"step {ctx.step}: stopping early ({ctx.stop_reason or 'another rank asked'})")
+                break
         return "completed"
 
-    def train_step(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], int, Any]:
+    def train_step(self) -> tuple[torch.Tensor | None, dict[str, torch.Tensor], int, Any]:
         """One step, then `ctx.step += 1`. Returns this rank's share of the step's loss (averaged over ranks
-        when logged), extra metrics likewise, the units of the whole step, and the gradient norm."""
+        when logged; None for a solver's step, which has none), extra metrics likewise, the units of the
+        whole step, and the gradient norm."""
         ctx, task = self.ctx, self.task
         self.model.train()
         ctx.grad_norm, ctx.logged = None, {}
@@ -293,15 +300,15 @@ class Trainer:
             self.metrics.log(1, ctx.memory)
         ctx.step += 1
         loss = metrics.pop("loss", None)
-        loss = torch.zeros((), device=self.device) if loss is None else loss.detach().float()
-        if not torch.isfinite(loss):
+        loss = None if loss is None else loss.detach().float()
+        if loss is not None and not torch.isfinite(loss):
             raise PapertrainError(
                 f"training loss became {loss.item()} at step {ctx.step}",
                 "lower optimizer.lr, enable trainer.grad_clip, or use trainer.precision=fp32; "
                 + self.checkpointer.safe_on_disk())
         parts = {k: (v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v), device=self.device))
                  for k, v in metrics.items()}
-        self.callbacks.call("after_step", ctx, {"loss": loss, **parts})
+        self.callbacks.call("after_step", ctx, {**({"loss": loss} if loss is not None else {}), **parts})
         return loss, parts, ctx.units, ctx.grad_norm
 
     def _batches(self) -> list[Any]:
@@ -324,6 +331,7 @@ class Trainer:
     def _evaluate(self) -> dict[str, float]:
         if not self.evaluator.available:
             return {}
+        self.callbacks.call("before_evaluation", self.ctx)
         means = self.evaluator.evaluate(self.ctx)
         self.metrics.log(self.step, means)
         self.evaluated_step = self.step
@@ -333,7 +341,9 @@ class Trainer:
         return means
 
     def _sample(self) -> None:
+        self.callbacks.call("before_sample", self.ctx)
         samples = self.evaluator.sample(self.ctx)
+        self.callbacks.call("after_sample", self.ctx)
         self.sampled_step = self.step
         if self.strategy.is_main and samples:
             self.sample_paths = write_samples(self.run_dir / "samples", self.step, samples)

@@ -30,11 +30,14 @@ class LogWindow:
 
     def reset(self) -> None:
         self.loss = torch.zeros((), device=self.device)
+        self.has_loss = False  # a solver's steps have none: then no train/loss is logged
         self.extra: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
         self.steps, self.units, self.time = 0, 0, 0.0
 
-    def add(self, loss: torch.Tensor, parts: dict[str, Any], units: int, seconds: float) -> None:
-        self.loss += loss
+    def add(self, loss: torch.Tensor | None, parts: dict[str, Any], units: int, seconds: float) -> None:
+        if loss is not None:
+            self.loss += loss
+            self.has_loss = True
         for k, v in parts.items():
             self.extra[k] += v
         self.steps += 1
@@ -45,12 +48,13 @@ class LogWindow:
         """The job's sums (a collective: every rank calls it)."""
         totals = strategy.sum_across_ranks({"loss": float(self.loss), **{f"extra/{k}": float(v)
                                                                           for k, v in self.extra.items()}})
-        return {"steps": self.steps, "units": self.units, "time": self.time, **totals}
+        return {"steps": self.steps, "units": self.units, "time": self.time, "has_loss": self.has_loss, **totals}
 
     def restore(self, state: dict[str, Any], holds_sums: bool) -> None:
         """Rank 0 holds the job's sums, the other ranks zero: the next line's mean over ranks is unchanged."""
         self.reset()
         self.steps, self.units, self.time = state["steps"], state["units"], state["time"]
+        self.has_loss = state.get("has_loss", True)
         if holds_sums:
             self.loss.fill_(state["loss"])
             for key, value in state.items():
@@ -68,9 +72,10 @@ class TrainingLog:
 
     def line(self, step: int, window: LogWindow, lr: float | None, grad_norm: Any, device: torch.device) -> None:
         """Log the window's means at `step` (a collective: every rank calls it), then empty the window."""
-        mean = self.strategy.mean_across_ranks(
-            {"train/loss": (window.loss / window.steps).item(),
-             **{f"train/{k}": (v / window.steps).item() for k, v in window.extra.items()}})
+        sums = {f"train/{k}": (v / window.steps).item() for k, v in window.extra.items()}
+        if window.has_loss:
+            sums = {"train/loss": (window.loss / window.steps).item(), **sums}
+        mean = self.strategy.mean_across_ranks(sums)
         rate = window.units / max(window.time, 1e-9)  # units of the whole job
         per_step = window.time / window.steps
         self.step_time = per_step if self.step_time is None else 0.7 * self.step_time + 0.3 * per_step
@@ -82,8 +87,9 @@ class TrainingLog:
         if grad_norm is not None:
             values["train/grad_norm"] = float(grad_norm)
         self.metrics.log(step, values)
-        self.progress.update(step, {"loss": f"{mean['train/loss']:.4f}", self.unit + "/s": f"{rate:,.0f}"},
-                             self.step_time * (self.max_steps - step))
+        headline = {"loss": f"{mean['train/loss']:.4f}"} if "train/loss" in mean else {
+            k.split("/", 1)[1]: f"{v:.4g}" for k, v in list(mean.items())[:1]}
+        self.progress.update(step, {**headline, self.unit + "/s": f"{rate:,.0f}"}, self.step_time * (self.max_steps - step))
         window.reset()
 
     def write(self, text: str) -> None:

@@ -243,33 +243,90 @@ def test_activation_checkpointing_under_fsdp2_matches_one_process(tmp_path: Path
 
 
 # -- every recipe, unchanged, under every strategy ------------------------------------------------------
+# One pair of ranks per strategy trains every recipe in turn (in one process group), and one process trains
+# each once for reference: ~8 spawned pairs fewer per recipe than a pair per (recipe, strategy) would cost.
 RECIPE_CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[2] / "recipes").glob("*/*/tiny.yaml"))
 BRIEF = ["trainer.max_steps=2", "trainer.eval_batches=1", "trainer.batch_size=8", "trainer.log_every=1",
          "trainer.progress=none", "trainer.plot=false", "trainer.tensorboard=false", "trainer.checkpoint_every=0",
          "trainer.eval_every=0", "trainer.sample_every=-1"]
 # work a recipe does before its first step, cut short so that these tests stay about the training itself
-BRIEF_SETUP = {"distillation": ["task.teacher_steps=3", "task.teacher_hidden=[32]"]}  # the teacher, trained in prepare()
+BRIEF_SETUP = {"distillation": ["task.teacher_steps=3", "task.teacher_hidden=[32]"],  # its teacher artifact
+               "ppo": ["task.eval_episodes=2", "task.epochs=2"],
+               "gan": ["task.classifier_steps=3", "task.classifier_hidden=[16]"]}  # its classifier artifact
+STRATEGIES = {"ddp": ["strategy=ddp"], "fsdp2": ["strategy=fsdp2"], "zero3": ["strategy=deepspeed", "strategy.stage=3"]}
 
 
-def train_recipe(config_path: str, run_dir: str, overrides: list[str]) -> None:
-    Trainer(load_config(config_path, [*BRIEF, *overrides]), Path(run_dir)).run()
+def recipe_overrides(config: Path) -> list[str]:
+    # dropout draws different masks on 1 and 2 processes; without it the two runs compute the same thing
+    no_dropout = ["model.dropout=0.0"] if "dropout" in load_config(config).tree["model"] else []
+    return [*BRIEF, *no_dropout, *BRIEF_SETUP.get(config.parent.name, [])]
+
+
+def train_every_recipe(out: str, strategy: list[str]) -> None:
+    """Every recipe under `strategy` (on each of the ranks of one job); a refusal by validate is recorded."""
+    from papertrain.distributed import connect, disconnect, process_info
+    from papertrain.errors import ConfigError
+
+    if strategy:
+        connect(process_info(), "cpu")  # one group for every recipe: the trainers join it
+    for config in RECIPE_CONFIGS:
+        run_dir = Path(out) / config.parent.name
+        try:
+            loaded = load_config(config, [*recipe_overrides(config), *strategy,
+                                          *(["strategy.world_size=2"] if strategy else [])])
+        except ConfigError as refused:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "refused.txt").write_text(str(refused))
+            continue
+        Trainer(loaded, run_dir).run()
+    if strategy:
+        disconnect()
+
+
+@pytest.fixture(scope="module")
+def every_recipe_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One data cache for these runs (module-scoped fixtures come before the per-test isolated cache)."""
+    cache = tmp_path_factory.mktemp("every-recipe-cache")
+    os.environ["PAPERTRAIN_OFFLINE"] = "1"
+    os.environ["PAPERTRAIN_DATA"] = str(cache)
+    return cache
+
+
+@pytest.fixture(scope="module")
+def every_recipe_on_one_process(tmp_path_factory: pytest.TempPathFactory, every_recipe_cache: Path) -> Path:
+    out = tmp_path_factory.mktemp("every-recipe-one")
+    os.environ["PAPERTRAIN_DATA"] = str(every_recipe_cache)
+    train_every_recipe(str(out), [])
+    return out
+
+
+@pytest.fixture(scope="module", params=list(STRATEGIES), ids=list(STRATEGIES))
+def every_recipe_on_two_ranks(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                              every_recipe_cache: Path) -> Path:
+    if request.param == "zero3":
+        pytest.importorskip("deepspeed")
+    out = tmp_path_factory.mktemp(f"every-recipe-{request.param}")
+    os.environ["PAPERTRAIN_DATA"] = str(every_recipe_cache)  # the spawned ranks inherit it
+    run_ranks(2, train_every_recipe, str(out), STRATEGIES[request.param])
+    return out
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", [["strategy=ddp"], ["strategy=fsdp2"], ["strategy=deepspeed", "strategy.stage=3"]],
-                         ids=["ddp", "fsdp2", "zero3"])
 @pytest.mark.parametrize("config", RECIPE_CONFIGS, ids=lambda p: p.parent.name)
-def test_every_recipe_runs_unchanged_on_two_ranks(tmp_path: Path, config: Path, strategy: list[str]) -> None:
-    if "strategy=deepspeed" in strategy:
-        pytest.importorskip("deepspeed")
-    # dropout draws different masks on 1 and 2 processes; without it the two runs compute the same thing
-    no_dropout = ["model.dropout=0.0"] if "dropout" in load_config(config).tree["model"] else []
-    overrides = [*no_dropout, *BRIEF_SETUP.get(config.parent.name, [])]
-    train_recipe(str(config), str(tmp_path / "one"), overrides)
-    run_ranks(2, train_recipe, str(config), str(tmp_path / "two"), [*overrides, *strategy])
-    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+def test_every_recipe_runs_unchanged_on_two_ranks(config: Path, every_recipe_on_one_process: Path,
+                                                  every_recipe_on_two_ranks: Path) -> None:
+    """2 ranks give one process's losses (the same global batch), for ddp, fsdp2 and ZeRO-3; or, where the
+    strategy cannot run what the recipe needs (DeepSpeed and a task's own step, a solver under data
+    parallelism), `papertrain validate` refuses it up front, naming the strategies that can."""
+    name = config.parent.name
+    refused = every_recipe_on_two_ranks / name / "refused.txt"
+    if refused.is_file():
+        assert "cannot run under" in refused.read_text() and "strategies that can:" in refused.read_text()
+        return
+    one, two = losses(every_recipe_on_one_process / name), losses(every_recipe_on_two_ranks / name)
     assert len(two) == 2 and max(abs(a - b) for a, b in zip(one, two)) <= 1e-4, (one, two)
-    evaluated = [e for e in read_metrics(tmp_path / "two" / "metrics.jsonl") if "val/loss" in e]
+    evaluated = [e for e in read_metrics(every_recipe_on_two_ranks / name / "metrics.jsonl")
+                 if any(k.startswith("val/") for k in e)]
     assert evaluated, "evaluation ran on the sharded model"
 
 

@@ -39,7 +39,7 @@ COMPONENT_KEY = "_component_"
 # papertrain's own namespaces that hold things a config builds (not its CLI, config or cluster code)
 ENGINE_NAMESPACES = (
     "papertrain.recipes", "papertrain.data", "papertrain.schedules", "papertrain.optim",
-    "papertrain.classification", "papertrain.nn", "papertrain.strategies", "papertrain.sources",
+    "papertrain.classification", "papertrain.nn", "papertrain.strategies", "papertrain.callbacks",
 )
 TORCH_NAMESPACES = ("torch.optim", "torch.nn", "torch.distributions",
                     # tensor constructors, for a data set or buffer given as values

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Callable, Iterable
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,24 @@ class Range:
         return " and ".join(b for b in bounds if b)
 
 
+@dataclass(frozen=True)
+class OneOf:
+    """The value must be one of the names `choices()` returns: a registry read when the config is checked
+    (strategies, quantizers and finetuning methods that recipes provide, see papertrain/registry.py)."""
+
+    choices: Callable[[], Iterable[str]]
+
+    def problem(self, value: Any) -> str | None:
+        names = list(self.choices())
+        if value in names:
+            return None
+        from papertrain.errors import did_you_mean
+
+        close = did_you_mean(str(value), names)
+        return f"must be one of {', '.join(map(repr, names))}, got {value!r}" + (f" (did you mean '{close}'?)"
+                                                                               if close else "")
+
+
 PositiveInt = Annotated[int, Range(ge=1)]
 NonNegativeInt = Annotated[int, Range(ge=0)]
 PositiveFloat = Annotated[float, Range(gt=0)]
@@ -74,12 +92,21 @@ _OPTIMIZER_BOUNDS = {
     "t0": Range(ge=0), "max_iter": Range(ge=1), "history_size": Range(ge=1),
 }
 _BETAS = Range(ge=0, lt=1)
+# torch.optim.lr_scheduler's (the ones a recipe names)
+_SCHEDULER_BOUNDS = {
+    "start_factor": Range(gt=0, le=1), "end_factor": Range(ge=0, le=1), "total_iters": Range(ge=1),
+    "last_epoch": Range(ge=-1), "step_size": Range(ge=1), "gamma": Range(gt=0), "T_max": Range(ge=1),
+    "eta_min": Range(ge=0), "factor": Range(gt=0),
+}
 
 
 def known_bounds(target: Any, name: str) -> list[Range]:
     """Bounds for argument `name` of a third-party `target` (a list: one Range, or one per item)."""
     module = getattr(target, "__module__", "") or ""
-    if module.startswith("torch.optim") and not module.startswith("torch.optim.lr_scheduler"):
+    if module.startswith("torch.optim.lr_scheduler"):
+        bound = _SCHEDULER_BOUNDS.get(name)
+        return [bound] if bound else []
+    if module.startswith("torch.optim"):
         if name == "betas":
             return [_BETAS]
         bound = _OPTIMIZER_BOUNDS.get(name)

@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from papertrain.config.constraints import NonNegativeInt, PositiveFloat, PositiveInt, Range, Seed
+from papertrain.config.constraints import NonNegativeInt, OneOf, PositiveFloat, PositiveInt, Range, Seed
 from papertrain.config.validate import Component
 
 
@@ -48,13 +48,31 @@ class TrainerConfig:
     plot: bool = _help("write a PNG of the loss curves at the end of the run", default=True)
 
 
+def _strategies() -> list[str]:
+    from papertrain.strategies import strategy_table
+
+    return list(strategy_table())
+
+
+def _quantizers() -> list[str]:
+    from papertrain.registry import provided
+
+    return list(provided("quantizers"))
+
+
+def _finetuning() -> list[str]:
+    from papertrain.registry import provided
+
+    return ["all", "biases", *provided("finetune")]
+
+
 @dataclass
 class StrategyConfig:
     """How the loop runs on one process or many. `strategy: fsdp2` is short for `strategy: {name: fsdp2}`."""
 
-    name: Literal["single", "ddp", "fsdp2", "deepspeed", "zero3_reference", "pipeline"] = _help(
-        "single, ddp, fsdp2, deepspeed, zero3_reference or pipeline (layers split into one stage per rank; "
-        "trainer.grad_accum_steps micro-batches)", default="single")
+    name: Annotated[str, OneOf(_strategies)] = _help(
+        "single, ddp, fsdp2, deepspeed, pipeline (layers split into one stage per rank; trainer.grad_accum_steps "
+        "micro-batches), or one a recipe provides (zero3_reference)", default="single")
     stage: Literal[1, 2, 3] = _help("DeepSpeed ZeRO stage: 1 optimizer state, 2 + gradients, 3 + parameters",
                                     default=3)
     offload_optimizer: bool = _help("keep optimizer state in CPU memory (deepspeed; fsdp2 offloads all state)",
@@ -88,8 +106,9 @@ class PretrainedConfig:
 class QuantConfig:
     """Convert Linear layers to int8 as the weights load. `quant: int8` is short for `quant: {mode: int8}`."""
 
-    mode: Literal["int8"] = _help("int8: LLM.int8() (Dettmers et al. 2022), vector-wise absmax int8 weights "
-                                  "with fp16 outlier features", default="int8")
+    mode: Annotated[str, OneOf(_quantizers)] = _help(
+        "a quantizer a recipe provides; int8: LLM.int8() (Dettmers et al. 2022, recipes/quantization/llm_int8), "
+        "vector-wise absmax int8 weights with fp16 outlier features", default="int8")
     backend: Literal["own", "bitsandbytes"] = _help(
         "own: papertrain's annotated implementation (recipes/quantization/llm_int8); bitsandbytes: its "
         "Linear8bitLt", default="own")
@@ -114,9 +133,9 @@ class LoRASettings:
 class FinetuneConfig:
     """Which parameters train; the rest are frozen (no gradients, no optimizer state)."""
 
-    train: Literal["all", "biases", "lora"] = _help(
-        "all; biases: only biases and norm gains (1-D parameters); lora: only LoRA adapters (section lora)",
-        default="all")
+    train: Annotated[str, OneOf(_finetuning)] = _help(
+        "all; biases: only biases and norm gains (1-D parameters); or a method a recipe provides, e.g. lora: only "
+        "LoRA adapters (section lora)", default="all")
     lora: LoRASettings | None = _help("LoRA settings when train=lora", default=None)
 
 

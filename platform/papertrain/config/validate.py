@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from papertrain.config.components import (COMPONENT_KEY, DEFAULT_POLICY, ComponentNotAllowed, ComponentNotFound,
                                           ComponentPolicy, locate)
-from papertrain.config.constraints import Range, known_bounds, non_finite
+from papertrain.config.constraints import OneOf, Range, known_bounds, non_finite
 from papertrain.config.yamlfile import Origins, origin_of
 from papertrain.errors import ConfigIssue, did_you_mean
 
@@ -77,6 +77,10 @@ class Validator:
                 self.check(value, base, key)
                 if len(self.issues) == before:
                     self.bounds(value, [e for e in extras if isinstance(e, Range)], key)
+                    for choice in (e for e in extras if isinstance(e, OneOf)):
+                        problem = choice.problem(value)
+                        if problem:
+                            self.report(key, problem)
             elif value is None and type(None) in get_args(base):
                 return
             else:
@@ -191,8 +195,10 @@ class Validator:
         try:
             target = locate(value[COMPONENT_KEY], self.policy)
         except ComponentNotFound as err:
-            verb = "not allowed:" if isinstance(err, ComponentNotAllowed) else "cannot import"
-            self.report(f"{key}.{COMPONENT_KEY}", f"{verb} {value[COMPONENT_KEY]!r}: {err}")
+            if isinstance(err, ComponentNotAllowed):
+                self.report(f"{key}.{COMPONENT_KEY}", f"not allowed: {err}")
+            else:
+                self.report(f"{key}.{COMPONENT_KEY}", f"cannot import {value[COMPONENT_KEY]!r}: {err}")
             return
         try:
             signature = inspect.signature(target)

@@ -4,7 +4,7 @@
     ddp               data parallel: whole model per rank, gradients all-reduced
     fsdp2             PyTorch's fully sharded data parallel (ZeRO-3 style), DCP checkpoints
     deepspeed         DeepSpeed ZeRO stage 1, 2 or 3 (strategy.stage), optional CPU offload
-    zero3_reference   ZeRO-3 written from torch.distributed primitives (recipes/scaling/zero3)
+    zero3_reference   ZeRO-3 written from torch.distributed primitives (provided by recipes/scaling/zero3)
     pipeline          GPipe: the model's layers split into one stage per rank, micro-batches flowing through
 """
 
@@ -15,14 +15,20 @@ from papertrain.distributed import ProcessInfo, connect, process_info
 from papertrain.errors import PapertrainError
 from papertrain.strategies.base import SingleDevice, Strategy, local_bytes, pick_device, pick_precision
 
-STRATEGIES = {
+ENGINE_STRATEGIES = {
     "single": "papertrain.strategies.base.SingleDevice",
     "ddp": "papertrain.strategies.ddp.DDP",
     "fsdp2": "papertrain.strategies.fsdp2.FSDP2",
     "deepspeed": "papertrain.strategies.deepspeed_zero.DeepSpeed",
-    "zero3_reference": "papertrain.recipes.scaling.zero3.strategy.Zero3Reference",
     "pipeline": "papertrain.strategies.pipeline.Pipeline",
 }
+
+
+def strategy_table() -> dict[str, str]:
+    """Every strategy by name: the engine's own, then those recipes provide (their meta.yaml `provides:`)."""
+    from papertrain.registry import provided
+
+    return {**ENGINE_STRATEGIES, **provided("strategies")}
 
 
 def build_strategy(options, trainer, info: ProcessInfo | None = None, custom_step: bool = False) -> Strategy:
@@ -49,19 +55,21 @@ def build_strategy(options, trainer, info: ProcessInfo | None = None, custom_ste
 
 
 def strategy_class(name: str) -> type[Strategy]:
-    """The class of strategy `name` (a key of STRATEGIES; never a path read from a file)."""
-    if name not in STRATEGIES:
-        raise PapertrainError(f"unknown strategy '{name}'", f"one of: {', '.join(STRATEGIES)}")
-    return locate(STRATEGIES[name])
+    """The class of strategy `name` (a name in the table; never a path read from a file)."""
+    table = strategy_table()
+    if name not in table:
+        raise PapertrainError(f"unknown strategy '{name}'", f"one of: {', '.join(table)}")
+    return locate(table[name])
 
 
 def checkpoint_formats() -> dict[str, str]:
     """Every checkpoint format a strategy writes -> the (first) strategy that reads it."""
     formats: dict[str, str] = {}
-    for name in STRATEGIES:
+    for name in strategy_table():
         formats.setdefault(strategy_class(name).checkpoint_format, name)
     return formats
 
 
-__all__ = ["STRATEGIES", "checkpoint_formats", "strategy_class", "SingleDevice", "Strategy", "build_strategy", "local_bytes", "pick_device",
+__all__ = ["ENGINE_STRATEGIES", "SingleDevice", "Strategy", "build_strategy", "checkpoint_formats", "local_bytes",
+           "pick_device", "strategy_class", "strategy_table",
            "pick_precision"]

@@ -1,18 +1,14 @@
-"""Distillation as a task: train (or find) the teacher, then train the student on soft targets and labels.
+"""Distillation as a task: the teacher, built once, then the student on soft targets and labels.
 
-The teacher is part of the recipe, not a manual step: `prepare` looks for a teacher trained with exactly
-these settings in the data cache (`$PAPERTRAIN_DATA/distillation/teacher-<hash>.safetensors`) and
-trains one if there is none, printing its progress. Its training draws from its own seeded generators
-inside `torch.random.fork_rng`, so the student's run is the same whether the teacher came from the
-cache or was just trained, and every rank of a distributed run computes the same teacher.
+The teacher is part of the recipe, not a manual step. It is an *artifact* (papertrain/artifacts.py): a
+`TrainedModel` whose config `teacher_config` derives from these settings and the student's data, trained
+by the same engine loop as any run (its own run directory in the cache, progress bar, checkpoints and
+resume), once per machine, and cached under a hash of its config. The student's run is the same whether
+the teacher came from the cache or was just trained: the artifact stage restores the random generators.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,13 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from papertrain.artifacts import TrainedModel
 from papertrain.classification import ClassificationTask
 from papertrain.config.constraints import NonNegativeInt, PositiveFloat, PositiveInt, Probability, Range, Seed
-from papertrain.data.sources import cache_dir
 from papertrain.errors import PapertrainError
 from papertrain.recipes.vision.distillation.model import MLP, distillation_loss
 
-TEACHER_VERSION = 1  # bump when the teacher's training changes, so that old cached teachers are not used
+TEACHER_NAME = "distillation-teacher-v2"  # change it when the teacher's training changes: a new cache entry
 
 
 class DistillationTask(ClassificationTask):
@@ -66,48 +62,49 @@ class DistillationTask(ClassificationTask):
         super().__init__()
 
     # -- the teacher ----------------------------------------------------------------------------------
+    def teacher_config(self, student: dict[str, Any]) -> dict[str, Any]:
+        """The teacher's run, as a config tree: the student's data, an MLP with dropout, jittered inputs,
+        Adam for `teacher_steps` steps of `teacher_batch_size`, evaluated on every validation image."""
+        settings = self.teacher_settings
+        return {
+            "name": TEACHER_NAME, "seed": settings["seed"], "data": student["data"],
+            "model": {"_component_": "papertrain.recipes.vision.distillation.model.MLP", "hidden": settings["hidden"],
+                      "num_classes": student["model"].get("num_classes", 10), "dropout": settings["dropout"]},
+            "task": {"_component_": "papertrain.recipes.vision.distillation.task.JitteredClassificationTask",
+                     "jitter": settings["jitter"]},
+            "optimizer": {"_component_": "torch.optim.Adam", "lr": settings["lr"]},
+            "trainer": {"max_steps": settings["steps"], "batch_size": settings["batch_size"], "precision": "fp32",
+                        "eval_batches": 10_000 // settings["batch_size"] + 1, "eval_every": 0, "sample_every": -1,
+                        "log_every": max(1, settings["steps"] // 50), "checkpoint_every": max(1, settings["steps"] // 5),
+                        "progress": student.get("trainer", {}).get("progress", "auto"), "tensorboard": False},
+        }
+
+    def artifacts(self, ctx: Any) -> dict[str, Any]:
+        if self.alpha == 0.0 or self.teacher_path:
+            return {}  # the student alone, or a teacher of your own
+        return {"teacher": TrainedModel(self.teacher_config(ctx.config))}
+
+    def use_artifacts(self, built: dict[str, Any]) -> None:
+        self.teacher = built.get("teacher")
+
     def prepare(self, model: nn.Module, data: Any) -> None:
         super().prepare(model, data)  # the model's classes are the data's
         if tuple(getattr(data, "image_shape", (1, 28, 28))) != tuple(getattr(model, "image_shape", (1, 28, 28))):
             raise PapertrainError(f"the student takes images of shape {list(model.image_shape)}, the data has "
                                   f"{list(data.image_shape)}", "use 28x28 grey images (mnist or fashion_mnist)")
-        if self.alpha == 0.0:
-            return  # the student alone: no teacher needed
-        device = next(model.parameters()).device
-        self.teacher = self.load_or_train_teacher(data, device)
+        if self.alpha > 0.0 and self.teacher_path:
+            self.teacher = self.load_teacher_file(Path(self.teacher_path).expanduser(), data,
+                                                  next(model.parameters()).device)
 
-    def teacher_file(self, data: Any) -> Path:
-        """Where a teacher with these settings, trained on this data, is cached (or `task.teacher_path`)."""
-        if self.teacher_path:
-            return Path(self.teacher_path).expanduser()
-        key = {"version": TEACHER_VERSION, "dataset": data.dataset, "train_examples": len(data.train),
-               "num_classes": data.num_classes, **self.teacher_settings}
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        return cache_dir() / "distillation" / f"teacher-{digest}.safetensors"
+    def load_teacher_file(self, path: Path, data: Any, device: torch.device) -> nn.Module:
+        """`task.teacher_path`: a teacher's weights (safetensors) with the shape `teacher_hidden` says."""
+        from safetensors.torch import load_model
 
-    def load_or_train_teacher(self, data: Any, device: torch.device) -> nn.Module:
-        from safetensors.torch import load_file, save_file
-
-        settings = self.teacher_settings
-        path = self.teacher_file(data)
-        if self.teacher_path and not path.is_file():
-            raise PapertrainError(f"task.teacher_path={self.teacher_path} does not exist",
+        if not path.is_file():
+            raise PapertrainError(f"task.teacher_path={path} does not exist",
                                   "point it at a teacher's safetensors file, or set it to null to train one")
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(settings["seed"])  # the teacher's own random numbers; the student's are restored
-            teacher = MLP(settings["hidden"], data.num_classes, dropout=settings["dropout"])
-            if path.is_file():
-                teacher.load_state_dict(load_file(path))
-                print(f"distillation: teacher {teacher.describe()} from {path}", flush=True)
-            else:
-                print(f"distillation: no cached teacher for these settings; training {teacher.describe()} "
-                      f"({settings['steps']} steps of {settings['batch_size']}), then caching it in {path}",
-                      flush=True)
-                train_teacher(teacher, data, settings, device)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # atomic: ranks may race here
-                save_file({k: v.detach().cpu().contiguous() for k, v in teacher.state_dict().items()}, str(partial))
-                os.replace(partial, path)
+        teacher = MLP(self.teacher_settings["hidden"], data.num_classes, dropout=self.teacher_settings["dropout"])
+        load_model(teacher, str(path))
         teacher = teacher.to(device).eval()
         for parameter in teacher.parameters():
             parameter.requires_grad_(False)
@@ -159,26 +156,20 @@ def jitter(images: torch.Tensor, shift: int, generator: torch.Generator) -> torc
     return out
 
 
-def train_teacher(teacher: nn.Module, data: Any, settings: dict[str, Any], device: torch.device) -> None:
-    """Adam on cross-entropy, `steps` minibatches of jittered images drawn with the teacher's seed."""
-    teacher.to(device).train()
-    optimizer = torch.optim.Adam(teacher.parameters(), lr=settings["lr"])
-    generator = torch.Generator().manual_seed(settings["seed"])
-    images, labels = data.train.tensors["image"], data.train.tensors["label"]
-    started, report_every = time.perf_counter(), max(1, settings["steps"] // 5)
-    for step in range(1, settings["steps"] + 1):
-        index = torch.randint(0, len(labels), (settings["batch_size"],), generator=generator)
-        batch = jitter(images[index], settings["jitter"], generator)
-        loss = F.cross_entropy(teacher(batch.to(device)), labels[index].to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % report_every == 0 or step == settings["steps"]:
-            print(f"distillation: teacher step {step}/{settings['steps']}, loss {loss.item():.4f} "
-                  f"({time.perf_counter() - started:.0f} s)", flush=True)
-    teacher.eval()
-    with torch.no_grad():
-        val_images, val_labels = data.val.tensors["image"], data.val.tensors["label"]
-        correct = sum(int((teacher(val_images[i:i + 1000].to(device)).argmax(-1) == val_labels[i:i + 1000].to(device))
-                          .sum()) for i in range(0, len(val_labels), 1000))
-    print(f"distillation: teacher val accuracy {correct / max(1, len(val_labels)):.4f}", flush=True)
+class JitteredClassificationTask(ClassificationTask):
+    """The teacher's task: cross-entropy on images shifted by up to `jitter` pixels each way (the paper's
+    teacher trained on jittered digits), drawn from the loop's per-step generator (`ctx.random`)."""
+
+    def __init__(self, jitter: NonNegativeInt = 2, sample_images: PositiveInt = 16):
+        super().__init__(sample_images)
+        self.jitter = jitter
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: Any
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        images = jitter(batch["image"], self.jitter, ctx.random("jitter", "cpu"))
+        return super().loss(model, {**batch, "image": images})
+
+    def evaluate(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """On the upright validation digits, as the student is judged."""
+        loss, extra = ClassificationTask.loss(self, model, batch)
+        return {"loss": float(loss), "accuracy": float(extra["accuracy"]), "error": 1.0 - float(extra["accuracy"])}

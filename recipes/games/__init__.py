@@ -1,0 +1,1 @@
+"""Games: equilibrium finding in extensive-form games (CFR on Kuhn poker)."""

@@ -1,0 +1,1 @@
+"""Counterfactual regret minimisation (Zinkevich et al., 2007) on Kuhn poker."""

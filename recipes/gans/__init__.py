@@ -1,0 +1,1 @@
+"""Generative adversarial networks: a generator and a discriminator trained against each other."""

@@ -1,0 +1,1 @@
+"""Reinforcement learning: agents that learn from the experience of acting in environments."""
