@@ -53,5 +53,30 @@ class OptionalTaskHooks(Protocol):
 
     def sample(self, model: nn.Module, data: Any, generator: torch.Generator) -> dict[str, Any]:
         """Named samples to save: text (str), images (a [N, C, H, W] or [C, H, W] tensor in [0, 1]) or a
-        matplotlib figure; numbers (int, float) are logged as metrics `sample/<name>`."""
+        matplotlib figure; numbers (int, float) are logged as metrics `sample/<name>`. (With a `ctx`
+        parameter, it is given the loop's StepContext; so are `loss` and `evaluate`.)"""
         ...
+
+    def train_step(self, ctx: Any, batch: Any) -> dict[str, torch.Tensor]:
+        """The task's own training step instead of the default one (papertrain/steps.py): any backward passes
+        and optimizer steps through the context; returns metrics ("loss" is train/loss). `batch` is this
+        rank's share of the step's batch, or None without data."""
+        ...
+
+    def evaluate_all(self, ctx: Any) -> dict[str, float | tuple[float, float]]:
+        """The whole evaluation at once (episodes, exploitability, generated samples), instead of `evaluate`
+        over validation batches: means, or (total, count) pairs that are summed over ranks."""
+        ...
+
+    def artifacts(self, ctx: Any) -> dict[str, Any]:
+        """What must be built once before training (papertrain/artifacts.py); `use_artifacts(built)` then
+        receives them loaded."""
+        ...
+
+    def callbacks(self) -> dict[str, Any]:
+        """Callbacks this task needs (papertrain/callbacks.py), by name. (Models, optimizers and data may have
+        this method too: Sophia's optimizer ships its curvature pass this way.)"""
+        ...
+
+    # state_dict() / load_state_dict(state): the task's own state, checkpointed as named state "task"
+    # solver = True: trains without an optimizer (a solver, e.g. CFR); only strategy=single runs it

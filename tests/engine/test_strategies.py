@@ -437,3 +437,24 @@ def test_bf16_on_two_ranks_tracks_bf16_on_one(tmp_path: Path, strategy: list[str
     run_ranks(2, train_rank, str(tmp_path / "two"), [*strategy, "trainer.precision=bf16"])
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(two) == 5 and max(abs(a - b) for a, b in zip(one, two)) <= 1e-3, (one, two)
+
+
+def test_a_deepspeed_build_lock_left_by_an_interrupted_run_is_removed(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed during its first build of the CPU communication op, DeepSpeed leaves torch's file lock behind and
+    every later run waits on it forever; a lock older than any build takes is removed (a fresh one is kept)."""
+    import time
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    from papertrain.strategies.deepspeed_zero import remove_stale_build_lock
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = Path(_get_build_directory("deepspeed_shm_comm", verbose=False)) / "lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.write_text("")
+    remove_stale_build_lock()
+    assert lock.exists()  # another process may be building right now
+    os.utime(lock, (time.time() - 3600, time.time() - 3600))
+    remove_stale_build_lock()
+    assert not lock.exists()

@@ -56,6 +56,30 @@ def weights_only_loads() -> Iterator[None]:
         torch.load = original
 
 
+STALE_LOCK_S = 600  # DeepSpeed's first build of its CPU communication op takes ~1 minute
+
+
+def remove_stale_build_lock(name: str = "deepspeed_shm_comm") -> None:
+    """A first DeepSpeed run compiles a C++ op under torch's file lock; killed meanwhile (Ctrl-C twice, a job
+    cancelled), it leaves the lock behind, and every later run waits on it forever. A lock older than any
+    build takes is such a leftover: remove it, and say so."""
+    import time
+
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+    except Exception:
+        return
+    if not lock.is_file():
+        return
+    age = time.time() - lock.stat().st_mtime
+    if age > STALE_LOCK_S:
+        lock.unlink(missing_ok=True)
+        print(f"warning: removed {lock}, left {age / 60:.0f} minutes ago by a DeepSpeed build that was interrupted "
+              "(every later run would have waited on it forever)", flush=True)
+
+
 class DeepSpeed(Strategy):
     name = "deepspeed"
     checkpoint_format = FORMAT
@@ -95,6 +119,9 @@ class DeepSpeed(Strategy):
 
     def build_model(self, build: ModelBuilder) -> nn.Module:
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if self.device.type == "cuda" else "cpu")
+        if self.is_main:
+            remove_stale_build_lock()
+        self.barrier()
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
