@@ -13,6 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
+try:
+    # submitit configures logging with `dictConfig` when first imported, and dictConfig closes every
+    # handler that exists at that moment. open_spiel's absl creates one at import (test_cfr's collection)
+    # whose stream is pytest's capture of stderr: submitit imported later, inside a test, would close that
+    # capture and crash the whole session ("I/O operation on closed file"). Imported here, first, it
+    # finds no handler to close.
+    import submitit  # noqa: F401
+except ImportError:  # the cluster extra is not installed: the cluster tests skip
+    pass
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
 
