@@ -13,6 +13,7 @@ The job runs `papertrain.cluster.job.TrainingJob` on each task; see there for ra
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -117,12 +118,26 @@ def sbatch_options(lines: list[str]) -> dict[str, Any]:
     return options
 
 
+# a setup line that makes a Python environment the one to run: the job must then run *its* python
+_ACTIVATES = re.compile(r"\b(activate|conda|mamba|micromamba|pyenv|virtualenv|venv|module\s+load\s+\S*python)\b", re.I)
+
+
+def interpreter(profile: ClusterProfile) -> str:
+    """The interpreter the job runs: the profile's `python`; else, where `setup` activates an environment
+    (a venv, conda, a python module), the `python` that environment puts first on PATH, resolved on the
+    node after setup has run; else the interpreter running `papertrain submit` (a shared filesystem)."""
+    if profile.python:
+        return profile.python
+    if any(_ACTIVATES.search(line) for line in profile.setup or []):
+        return "python"
+    return sys.executable
+
+
 def sbatch_script(plan: Plan) -> str:
     """The script `sbatch` would receive (what --dry-run prints)."""
     from submitit.slurm.slurm import _make_sbatch_string
 
-    python = plan.profile.python or sys.executable
-    command = f"{python} -u -m submitit.core._submit {plan.folder}"
+    command = f"{interpreter(plan.profile)} -u -m submitit.core._submit {plan.folder}"
     count = len(plan.points) if len(plan.points) > 1 else None
     return _make_sbatch_string(command=command, folder=plan.folder, map_count=count, **slurm_parameters(plan))
 
@@ -168,7 +183,7 @@ def executor_for(plan: Plan) -> Any:
     import submitit
 
     plan.folder.mkdir(parents=True, exist_ok=True)
-    python = plan.profile.python or sys.executable
+    python = interpreter(plan.profile)
     if plan.local:
         executor = submitit.LocalExecutor(folder=plan.folder, max_num_timeout=plan.profile.max_timeouts,
                                           python=python)

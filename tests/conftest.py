@@ -147,3 +147,22 @@ def optimizer_trajectory(make_optimizer, steps: int = 100, seed: int = 0,
         optimizer.step()
         path.append(torch.cat([weight.detach().flatten(), bias.detach()]).clone())
     return path
+
+
+# -- how long each part of the suite takes (printed at the end of every run, for the README's table) --------
+_SECONDS_BY_FILE: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    path = report.nodeid.split("::")[0]
+    _SECONDS_BY_FILE[path] = _SECONDS_BY_FILE.get(path, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not _SECONDS_BY_FILE:
+        return
+    total = sum(_SECONDS_BY_FILE.values())
+    terminalreporter.section("seconds by test file (setup + call + teardown)")
+    for path, seconds in sorted(_SECONDS_BY_FILE.items(), key=lambda item: -item[1]):
+        terminalreporter.write_line(f"{seconds:8.1f} s  {100 * seconds / total:5.1f}%  {path}")
+    terminalreporter.write_line(f"{total:8.1f} s  in all")

@@ -5,6 +5,7 @@ A recipe's needs follow from its config and the classes it names, read without b
     the task defines train_step(ctx, batch)          -> custom_step
     `optimizers:` (several, each over a part)          -> named_optimizers
     neither `optimizer:` nor `optimizers:` (a solver)  -> no_optimizer
+    a `finetune:` other than all, `quant:`, or a model that freezes_parameters  -> frozen_parameters
     a component declares `requires_capabilities`, or a classmethod `required_capabilities(arguments, tree)`
     (Sophia's optimizer: repeated_backward, for its curvature pass)
 
@@ -24,6 +25,7 @@ from papertrain.config.yamlfile import Origins, origin_of
 from papertrain.errors import ConfigIssue
 
 CUSTOM_STEP, NAMED_OPTIMIZERS, NO_OPTIMIZER = "custom_step", "named_optimizers", "no_optimizer"
+FROZEN_PARAMETERS = "frozen_parameters"
 
 
 def _components(tree: Any, key: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
@@ -79,6 +81,13 @@ def run_issues(tree: dict[str, Any], policy: ComponentPolicy, origins: Origins, 
         needs[NAMED_OPTIMIZERS] = "optimizers"
     if single is None and not named:
         needs[NO_OPTIMIZER] = "optimizer"
+    finetune = (tree.get("finetune") or {}).get("train", "all")
+    if finetune != "all":
+        needs[FROZEN_PARAMETERS] = "finetune"
+    elif tree.get("quant") is not None:
+        needs[FROZEN_PARAMETERS] = "quant"
+    elif getattr(model, "freezes_parameters", False):
+        needs[FROZEN_PARAMETERS] = "model"
     for key, section in _components(tree):
         try:
             target = locate(section[COMPONENT_KEY], policy)
@@ -105,7 +114,6 @@ def run_issues(tree: dict[str, Any], policy: ComponentPolicy, origins: Origins, 
                                 f"stages), and {tree['model'][COMPONENT_KEY]} has none; use another strategy")
 
     # -- a frozen base cannot be built shard by shard ------------------------------------------------
-    finetune = (tree.get("finetune") or {}).get("train", "all")
     if (tree.get("strategy") or {}).get("meta_init") and (finetune != "all" or getattr(model, "freezes_parameters", False)):
         report("strategy.meta_init", "a model with a frozen base (a LoRA or biases-only finetune) is rebuilt from its "
                                      "weights or the seed on every resume, which a model initialised shard by shard "

@@ -7,7 +7,11 @@ A recipe folder holds `meta.yaml` (title, paper, the goal its tiny config must r
     verified   the recorded tiny run met the goal in meta.yaml
     failing    the recorded run missed it
     measured   a recorded run, but no goal to judge it by
+    stale      recorded, but the code it ran has changed since (papertrain/codehash.py says which part)
     new        never recorded
+
+Each record is stamped with hashes of the code it ran; `papertrain rerecord --stale` runs the stale ones
+again and prints each old figure beside the new one.
 """
 
 from __future__ import annotations
@@ -66,10 +70,21 @@ class Recipe:
         path = self.folder / RESULTS_FILE
         return json.loads(path.read_text()) if path.is_file() else None
 
-    def status(self) -> str:
+    def stale_parts(self, recipes: dict[str, Recipe] | None = None) -> list[str] | None:
+        """The code that changed since the record: [] if none, None if the record has no stamp (or none exists)."""
+        from papertrain.codehash import stale_parts
+
+        result = self.result()
+        if result is None:
+            return None
+        return stale_parts(self, result.get("code"), recipes or discover())
+
+    def status(self, recipes: dict[str, Recipe] | None = None) -> str:
         result = self.result()
         if result is None:
             return "new"
+        if self.stale_parts(recipes):
+            return "stale"
         if self.goal is None:
             return "measured"
         value = result.get("metrics", {}).get(self.goal.metric)
@@ -147,6 +162,9 @@ def record_result(recipe: Recipe, config: str, run_dir: Path, wall_s: float, met
     if recipe.goal is not None and recipe.goal.metric in kept:
         record["goal"] = recipe.goal.describe()
         record["goal_met"] = recipe.goal.met_by(kept[recipe.goal.metric])
+    from papertrain.codehash import code_stamp
+
+    record["code"] = code_stamp(recipe, discover())  # what `papertrain ls` checks for staleness
     path = recipe.folder / RESULTS_FILE
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path

@@ -84,9 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Train RECIPE (a name from `papertrain ls`, or a YAML file) with "
                                           "dotted overrides such as trainer.max_steps=200. The run directory "
                                           "(default runs/NAME) gets metrics, checkpoints, samples and plots; "
-                                          "running the same command again resumes from the last checkpoint.")
+                                          "running the same command again resumes from the last checkpoint; "
+                                          "with a larger trainer.max_steps it trains the run longer.")
     _add_target(run)
     run.add_argument("--run-dir", type=Path, help="where the run is written (default: runs/<name>)")
+    run.add_argument("--restart", action="store_true",
+                     help="start over: remove the previous run's checkpoints, metrics and samples from the run "
+                          "directory first (not in a command a scheduler may re-run: it would start over again)")
     run.add_argument("--record", action="store_true",
                      help="write the result into the recipe's results.json (shipped configs, no overrides)")
     run.set_defaults(handler=cmd_run)
@@ -127,14 +131,35 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write the full weights of RUN_DIR's latest (or --step) checkpoint, whatever strategy and "
                     "world size wrote it, as one safetensors file; in Hugging Face's layout with a config.json "
                     "where the recipe has one (default folder: RUN_DIR/export).")
-    export.add_argument("run_dir", type=Path, help="a run directory (with checkpoints/)")
-    export.add_argument("--step", type=int, help="which checkpoint (default: the latest)")
+    _add_checkpoint(export)
     export.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/export)")
     export.add_argument("--format", choices=["safetensors"], default="safetensors", help="file format")
     export.add_argument("--layout", choices=["auto", "hf", "papertrain"], default="auto",
                         help="key names: Hugging Face's where the recipe has them (auto), or ours")
     _add_trust(export)
     export.set_defaults(handler=cmd_export)
+
+    rerecord = commands.add_parser(
+        "rerecord", help="run recipes again and record them (e.g. the stale ones): old figure beside new",
+        description="Train each named recipe's tiny config from scratch in runs/NAME-record and write its "
+                    "results.json, printing the recorded figure before and after. --stale picks every recipe "
+                    "whose record's code changed since (or was never stamped).")
+    rerecord.add_argument("names", nargs="*", help="recipe names (default with --stale: every stale one)")
+    rerecord.add_argument("--stale", action="store_true", help="every recipe whose record is stale or unstamped")
+    rerecord.add_argument("--dry-run", action="store_true", help="list what would be recorded again, and why")
+    rerecord.set_defaults(handler=cmd_rerecord)
+
+    evaluate = commands.add_parser(
+        "eval", help="a trained run's metrics on a whole split (e.g. --split test)",
+        description="Evaluate RUN_DIR's latest (or --step) checkpoint on every example of a split of its data "
+                    "(default: test, which training never sees), on one process in fp32; writes "
+                    "RUN_DIR/eval/<split>-step_N.json.")
+    _add_checkpoint(evaluate)
+    evaluate.add_argument("--split", default="test", help="train, val or test (default: test)")
+    evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    evaluate.add_argument("--batch-size", type=int, help="examples per batch (default: the run's trainer.batch_size)")
+    _add_trust(evaluate)
+    evaluate.set_defaults(handler=cmd_eval)
 
     plan = commands.add_parser(
         "plan", help="estimate per-GPU memory of a config under every strategy",
@@ -201,6 +226,11 @@ def _add_trust(parser: argparse.ArgumentParser) -> None:
                              "blocks); repeatable. Never os, subprocess, builtins and the like")
 
 
+def _add_checkpoint(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", type=Path, help="a run directory (with checkpoints/)")
+    parser.add_argument("--step", type=int, help="which checkpoint (default: the latest)")
+
+
 def _version() -> str:
     from papertrain import __version__
 
@@ -215,15 +245,57 @@ def cmd_ls(args: argparse.Namespace) -> int:
     recipes = discover()
     if args.json:
         rows = [{"name": r.name, "family": r.family, "title": r.title, "paper": r.paper, "url": r.url,
-                 "status": r.status(), "goal": r.goal.describe() if r.goal else None, "configs": r.configs,
-                 "result": r.result()} for r in recipes.values()]
+                 "status": r.status(recipes), "goal": r.goal.describe() if r.goal else None, "configs": r.configs,
+                 "result": r.result(), "changed_since_record": r.stale_parts(recipes)} for r in recipes.values()]
         print(json.dumps(rows, indent=2))
         return 0
-    header = ("recipe", "family", "paper", "status", "last result (tiny config)")
-    rows = [(r.name, r.family, _shorten(r.paper, 50), r.status(), r.summary() or "-") for r in recipes.values()]
+    header = ("recipe", "family", "paper", "status", "last result (tiny config)", "code since")
+    rows = [(r.name, r.family, _shorten(r.paper, 50), r.status(recipes), r.summary() or "-", _code_since(r, recipes))
+            for r in recipes.values()]
     widths = [max(len(str(row[i])) for row in rows + [header]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+def _code_since(recipe, recipes) -> str:
+    if recipe.result() is None:
+        return "-"
+    parts = recipe.stale_parts(recipes)
+    return "not stamped" if parts is None else ("unchanged" if not parts else "changed: " + ", ".join(parts))
+
+
+def cmd_rerecord(args: argparse.Namespace) -> int:
+    """Run recipes' tiny configs again with --record; print each old figure beside the new one."""
+    from papertrain.catalog import DEFAULT_CONFIG, discover, record_result
+    from papertrain.config import load_config
+    from papertrain.trainer import Trainer
+
+    recipes = discover()
+    unknown = [n for n in args.names if n not in recipes]
+    if unknown:
+        raise PapertrainError(f"no recipe named {', '.join(unknown)}", "`papertrain ls` lists them")
+    if not args.names and not args.stale:
+        raise PapertrainError("name the recipes to record again, or --stale for every stale or unstamped one",
+                              "e.g. papertrain rerecord gpt evidential, or papertrain rerecord --stale")
+    chosen = [recipes[n] for n in args.names] or [r for r in recipes.values() if r.result() is not None
+                                                  and (r.stale_parts(recipes) is None or r.stale_parts(recipes))]
+    if args.dry_run:
+        for recipe in chosen:
+            print(f"{recipe.name}: {_code_since(recipe, recipes)}")
+        return 0
+    for recipe in chosen:
+        before = recipe.result() or {}
+        metric = recipe.goal.metric if recipe.goal else next(iter(before.get("metrics", {})), None)
+        run_dir = Path("runs") / f"{recipe.name}-record"
+        result = Trainer(load_config(recipe.config_path(DEFAULT_CONFIG)), run_dir, restart=True).run()
+        if result.status != "completed":
+            return EXIT_INTERRUPTED
+        record_result(recipe, DEFAULT_CONFIG, run_dir, result.wall_s, result.metrics, result.step)
+        old, new = before.get("metrics", {}).get(metric), result.metrics.get(metric)
+        shown = lambda v: f"{v:.4g}" if isinstance(v, (int, float)) else "-"  # noqa: E731
+        print(f"rerecord {recipe.name}: {metric} {shown(old)} ({before.get('date', 'never')}) -> {shown(new)} "
+              f"now; status {recipe.status()}")
     return 0
 
 
@@ -243,7 +315,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from papertrain.catalog import record_result
     from papertrain.distributed import process_info
     from papertrain.metrics import format_duration
-    from papertrain.rundir import default_run_dir
+    from papertrain.rundir import RunConfigChanged, default_run_dir, next_free_run_dir
     from papertrain.trainer import Trainer
 
     config, recipe = _load(args)
@@ -252,7 +324,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                               "drop --record, or run e.g. `papertrain run gpt --record`")
     name = config.run.name or config.source.stem
     run_dir = args.run_dir or (Path(config.run.run_dir) if config.run.run_dir else default_run_dir(name))
-    result = Trainer(config, run_dir).run()
+    try:
+        result = Trainer(config, run_dir, restart=args.restart).run()
+    except RunConfigChanged as err:
+        raise PapertrainError(err.message, _what_you_meant(args, err)) from None
     if result.status == "interrupted":
         return EXIT_INTERRUPTED
     if process_info().rank != 0:
@@ -260,10 +335,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     shown = "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()
                       if k.startswith("val/") and isinstance(v, (int, float)))
     if result.status == "already complete":
+        longer = _command(args, [f"trainer.max_steps={2 * result.step}"], drop=("trainer.max_steps",))
         print(f"{run_dir} already holds a finished run ({result.step} steps). {shown}\n"
-              f"  to train longer: trainer.max_steps=N (with the same schedule), or --run-dir for a new run")
+              f"  to train it longer:   {longer}\n"
+              f"  to start over:        {_command(args, [], flags=['--restart'])}\n"
+              f"  to train a new run:   {_command(args, [], flags=['--run-dir', str(next_free_run_dir(run_dir))])}")
         return 0
-    print(f"done: {result.step} steps in {format_duration(result.wall_s)}  {shown}")
+    segments = f" (over {result.segments} segments)" if result.segments > 1 else ""
+    print(f"done: {result.step} steps in {format_duration(result.wall_s)}{segments}  {shown}")
     for path in result.samples:
         print(f"  sample: {path}")
     if result.plot:
@@ -274,6 +353,33 @@ def cmd_run(args: argparse.Namespace) -> int:
         path = record_result(recipe, stem, run_dir, result.wall_s, result.metrics, result.step)
         print(f"  recorded: {path}")
     return 0
+
+
+def _command(args: argparse.Namespace, extra: list[str], flags: list[str] = (), drop: tuple[str, ...] = ()) -> str:
+    """The `papertrain run` command the user typed, with overrides and flags added or replaced."""
+    import shlex
+
+    overrides = [o for o in args.overrides if o.split("=", 1)[0].lstrip("+~") not in drop] + extra
+    words = ["papertrain", "run", args.target, *overrides]
+    words += [w for t in args.trust for w in ("--trust", t)]
+    if args.run_dir and "--run-dir" not in flags:
+        words += ["--run-dir", str(args.run_dir)]
+    return " ".join(shlex.quote(w) for w in [*words, *flags])
+
+
+def _what_you_meant(args: argparse.Namespace, err: Exception) -> str:
+    """For a config that differs from the run on disk: the commands for each thing the user may have meant."""
+    from papertrain.rundir import next_free_run_dir
+
+    lines = [f"to train this config as a new run:  {_command(args, [], flags=['--run-dir', str(next_free_run_dir(err.run_dir))])}",
+             f"to start over in {err.run_dir}:  {_command(args, [], flags=['--restart'])}"]
+    if len(err.differing) <= 5 and all(old != "<unset>" for _, old, _ in err.differing):
+        changed = {key for key, _, _ in err.differing}
+        kept = [o for o in args.overrides if o.split("=", 1)[0].lstrip("+~") not in changed]
+        as_saved = [f"{key}={json.dumps(old) if not isinstance(old, str) else old}" for key, old, _ in err.differing]
+        saved = argparse.Namespace(**{**vars(args), "overrides": kept})
+        lines.append(f"to resume the run on disk as it was:  {_command(saved, as_saved)}")
+    return "\n       ".join(lines)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -342,6 +448,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from papertrain.evaluate_run import evaluate_run
+
+    if args.batch_size is not None and args.batch_size < 1:
+        raise PapertrainError(f"--batch-size must be at least 1, got {args.batch_size}")
+    measured, out, step = evaluate_run(args.run_dir, args.split, args.step, args.device, args.batch_size, args.trust)
+    shown = "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v:,}" for k, v in measured.items())
+    print(f"{args.run_dir} at step {step}: {shown}\n  written: {out}")
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from papertrain.plan import parse_bytes, render
 
@@ -396,7 +513,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     from papertrain.config import dump_yaml
-    from papertrain.config.yamlfile import origin_of
     from papertrain.rundir import flatten
 
     config, _ = _load(args)
@@ -404,8 +520,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         flat = flatten(config.tree)
         width = max(len(k) for k in flat)
         for key, value in flat.items():
-            where = origin_of(key, config.origins) or "default"
-            print(f"{key.ljust(width)}  {json.dumps(value)}  # {where}")
+            print(f"{key.ljust(width)}  {json.dumps(value)}  # {config.origin(key)}")
     else:
         print(f"# {config.source}" + (f" with {' '.join(args.overrides)}" if args.overrides else ""))
         print(dump_yaml(config.tree), end="")

@@ -154,7 +154,7 @@ def _plot(comparison: Comparison, run_dir: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from papertrain.metrics import read_metrics, smooth
+    from papertrain.metrics import read_metrics, smooth, window_centres
 
     metric = comparison.metric
     curves = [read_metrics(run_dir / r["folder"] / "metrics.jsonl") for r in comparison.results]
@@ -169,7 +169,7 @@ def _plot(comparison: Comparison, run_dir: Path, title: str) -> None:
         train = [(e["step"], e["train/loss"]) for e in events if isinstance(e.get("train/loss"), (int, float))]
         measured = [(e["step"], e[metric]) for e in events if isinstance(e.get(metric), (int, float))]
         if train and left is not None:
-            steps, losses = zip(*train)
+            steps, losses = zip(*window_centres(train))
             left.plot(steps, smooth(losses), color=color, linewidth=1.6, label=result["variant"])
         if measured:
             steps, values = zip(*measured)

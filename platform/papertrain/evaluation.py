@@ -46,15 +46,17 @@ class Evaluator:
         was_training = model.training
         model.eval()
         try:
-            if callable(getattr(self.task, "evaluate_all", None)):
-                with torch.no_grad():
-                    values = self.task.evaluate_all(ctx)
-                means = self._across_ranks(values)
-            else:
-                means = self._over_batches(model, ctx)
+            with self.strategy.whole_model(model):
+                means = self._evaluate(model, ctx)
         finally:
             model.train(was_training)
         return {f"val/{k}": v for k, v in means.items()}
+
+    def _evaluate(self, model: Any, ctx: Any) -> dict[str, float]:
+        if callable(getattr(self.task, "evaluate_all", None)):
+            with torch.no_grad():
+                return self._across_ranks(self.task.evaluate_all(ctx))
+        return self._over_batches(model, ctx)
 
     def _across_ranks(self, values: dict[str, Any]) -> dict[str, float]:
         """A rank's metrics: means (averaged over ranks) or (total, count) pairs (summed, then divided)."""
@@ -93,7 +95,7 @@ class Evaluator:
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad(), self.strategy.autocast():
+            with torch.no_grad(), self.strategy.autocast(), self.strategy.whole_model(model):
                 if takes_context(self.task.sample):
                     return self.task.sample(model, self.data, generator, ctx=ctx) or {}
                 return self.task.sample(model, self.data, generator) or {}

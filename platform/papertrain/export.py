@@ -67,17 +67,46 @@ def export(run_dir: Path, step: int | None = None, out: Path | None = None, layo
     if layout == "hf" and hf is None:
         raise PapertrainError(f"{component} has no Hugging Face layout", "use --layout papertrain (our own key names)")
     out = out or run_dir / "export"
+    out.mkdir(parents=True, exist_ok=True)
     if hf is not None:
         with torch.device("meta"):
             model = config.build("model")
         model.load_state_dict(weights, assign=True, strict=True)
-        out.mkdir(parents=True, exist_ok=True)
         hf.save_hf_directory(model, out)
-        return out, "hf"
-    out.mkdir(parents=True, exist_ok=True)
-    step_of = folder.name.removeprefix("step_").lstrip("0") or "0"
-    save_file(_dedupe(weights), str(out / "model.safetensors"), metadata={"format": "pt", "step": step_of})
-    return out, "papertrain"
+        _write_tokenizer(run_dir, config, out, getattr(model, "block_size", None))
+        layout = "hf"
+    else:
+        step_of = folder.name.removeprefix("step_").lstrip("0") or "0"
+        save_file(_dedupe(weights), str(out / "model.safetensors"), metadata={"format": "pt", "step": step_of})
+        layout = "papertrain"
+    _as_umask_allows(out)
+    return out, layout
+
+
+def _write_tokenizer(run_dir: Path, config: Any, out: Path, context: int | None) -> None:
+    """A language model's tokenizer and sampling settings in HF's format (papertrain/data/hf_tokenizer.py),
+    so that AutoTokenizer and `generate` work on the export as on the run."""
+    from papertrain.data.hf_tokenizer import write_generation_config, write_hf_tokenizer
+    from papertrain.generation import run_tokenizer
+
+    tokenizer = run_tokenizer(run_dir, config)
+    if tokenizer is None:
+        return
+    write_hf_tokenizer(tokenizer, out, context)
+    task = config.tree.get("task") or {}
+    if "temperature" in task or "sample_tokens" in task:
+        write_generation_config(task, out, getattr(tokenizer, "eot_id", None))
+
+
+def _as_umask_allows(folder: Path) -> None:
+    """Exported files get the permissions the user's umask gives new files (safetensors writes 0600)."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~mask)
 
 
 def _hf_module(component: str) -> Any | None:

@@ -55,13 +55,38 @@ def load_for_generation(target: str, overrides: list[str], device: str = "auto",
     model = model_builder(config, chosen, "single", "fp32", training=False)()
     if from_run:
         folder = _load_checkpoint(model, run_dir, step)
-        tokenizer_file = run_dir / "tokenizer.json"
-        tokenizer = _saved_tokenizer(tokenizer_file) if tokenizer_file.is_file() else _tokenizer_of(config)
+        tokenizer = run_tokenizer(run_dir, config)
+        if tokenizer is None:
+            tokenizer = _tokenizer_of(config)  # raises the clear error
         source = f"{run_dir} (step {folder.name.split('_')[-1].lstrip('0') or '0'})"
     else:
         tokenizer = _tokenizer_of(config)
         source = f"{config.source} with weights from {config.run.pretrained.path}"
     return Generator(model.to(chosen).eval(), tokenizer, chosen, source)
+
+
+TOKENIZER_FILE = "papertrain-tokenizer.json"  # our own description (not HF's tokenizer.json format)
+
+
+def run_tokenizer(run_dir: Path, config: LoadedConfig):
+    """The tokenizer a run trained with: its papertrain-tokenizer.json (or the `tokenizer.json` of run
+    directories written before the rename), else rebuilt from its data section; None if it has none."""
+    for name in (TOKENIZER_FILE, "tokenizer.json"):
+        path = Path(run_dir) / name
+        if path.is_file() and (name == TOKENIZER_FILE or _is_ours(path)):
+            return _saved_tokenizer(path)
+    try:
+        return _tokenizer_of(config)
+    except PapertrainError:
+        return None
+
+
+def _is_ours(path: Path) -> bool:
+    try:
+        state = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return True  # damaged: _saved_tokenizer says so
+    return not isinstance(state, dict) or "model" not in state  # HF's format has a "model"
 
 
 def _saved_tokenizer(path: Path):

@@ -146,8 +146,9 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m"
 
 
-def plot_curves(events: list[dict[str, Any]], out: Path, title: str) -> Path | None:
-    """Loss curves (train, smoothed, and validation) beside the learning rate, as one PNG."""
+def plot_curves(events: list[dict[str, Any]], out: Path, title: str, loss_unit: str | None = None) -> Path | None:
+    """Loss curves (train, smoothed, and validation) beside the learning rate, as one PNG; the loss axis
+    says its unit (e.g. nats/char) where the task names one."""
     train = [(e["step"], e["train/loss"]) for e in events if isinstance(e.get("train/loss"), (int, float))]
     val = [(e["step"], e["val/loss"]) for e in events if isinstance(e.get("val/loss"), (int, float))]
     lr = [(e["step"], e["train/lr"]) for e in events if isinstance(e.get("train/lr"), (int, float))]
@@ -160,14 +161,14 @@ def plot_curves(events: list[dict[str, Any]], out: Path, title: str) -> Path | N
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [2, 1]})
     if train:
-        steps, losses = zip(*train)
+        steps, losses = zip(*window_centres(train))
         left.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=1, label="train")
         left.plot(steps, smooth(losses), color="tab:blue", linewidth=2, label="train (smoothed)")
     if val:
         steps, losses = zip(*val)
         left.plot(steps, losses, "o-", color="tab:orange", linewidth=2, label="validation")
     left.set_xlabel("step")
-    left.set_ylabel("loss")
+    left.set_ylabel(f"loss ({loss_unit})" if loss_unit else "loss")
     left.set_title(title)
     left.grid(alpha=0.3)
     left.legend()
@@ -184,11 +185,37 @@ def plot_curves(events: list[dict[str, Any]], out: Path, title: str) -> Path | N
     return out
 
 
+def window_centres(logged: list[tuple[int, float]]) -> list[tuple[float, float]]:
+    """A logged train loss is the mean over the steps since the previous line (steps p+1 .. s): drawn at
+    the middle of that window, (p+1+s)/2, not at its end, where it would sit above a falling validation
+    curve by the loss the model lost in half a window."""
+    centred, previous = [], 0
+    for step, value in logged:
+        centred.append(((previous + 1 + step) / 2, value))
+        previous = step
+    return centred
+
+
 def smooth(values: tuple[float, ...]) -> list[float]:
-    """Exponential moving average whose window is ~1/15 of the curve, so short runs are not flattened."""
-    weight = max(0.0, 1.0 - 15.0 / max(len(values), 1))
-    smoothed, current = [], None
+    """A centred moving average over ~1/15 of the curve (narrower near the ends, so each point is the
+    mean of a window around it). Centred, it does not lag: a trailing average of a falling loss lies
+    above the raw curve for most of a run, which reads as a worse loss than the model has."""
+    n = len(values)
+    half = max(0, n // 30)
+    prefix = [0.0]
     for v in values:
-        current = v if current is None else weight * current + (1 - weight) * v
-        smoothed.append(current)
+        prefix.append(prefix[-1] + v)
+    smoothed = []
+    for i in range(n):
+        h = min(half, i, n - 1 - i)
+        smoothed.append((prefix[i + h + 1] - prefix[i - h]) / (2 * h + 1))
     return smoothed
+
+
+def format_count(n: float) -> str:
+    """A parameter or token count for people: 818048 -> '818K', 30464 -> '30.5K', 20.55e9 -> '20.6B'."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            value = n / scale
+            return f"{value:.3g}{unit}" if value < 100 else f"{value:.0f}{unit}"
+    return f"{n:.0f}"

@@ -30,6 +30,7 @@ import torch
 
 from papertrain.config import LoadedConfig
 from papertrain.errors import PapertrainError
+from papertrain.metrics import format_count
 
 GIB = 2**30
 OPTIMIZER_BYTES = {"Adam": 8, "AdamW": 8, "RAdam": 8, "NAdam": 8, "Adamax": 8, "SGD": 4, "RMSprop": 4, "Adagrad": 4}
@@ -162,7 +163,7 @@ def generation_estimates(facts: ModelFacts, batch: int = 1, context: int | None 
                      "LLM.int8() blocks: 1 byte/weight + an fp32 scale per row; embeddings fp16")]
 
 
-def human(size: float) -> str:
+def human(size: float) -> str:  # bytes
     for unit, scale in (("G", GIB), ("M", 2**20), ("K", 2**10)):
         if size >= 0.1 * scale:
             return f"{size / scale:.2f}{unit}"
@@ -176,7 +177,7 @@ def fits(total: float, gpu_bytes: int) -> bool:
 def render(config: LoadedConfig, gpus: int, gpu_bytes: int) -> str:
     facts = model_facts(config)
     _, optimizer = optimizer_bytes_per_parameter(config)
-    lines = [f"{config.source}: {facts.parameters:,} parameters ({facts.parameters / 1e9:.2f}B), "
+    lines = [f"{config.source}: {facts.parameters:,} parameters ({format_count(facts.parameters)}), "
              f"{gpus} GPU(s) of {gpu_bytes / GIB:.0f} GiB, optimizer {optimizer}, precision "
              f"{config.run.trainer.precision}, global batch {config.run.trainer.batch_size}",
              "", f"{'per GPU (GiB=G)':<20}{'weights':>10}{'grads':>10}{'optimizer':>11}{'activations':>13}"

@@ -2,7 +2,7 @@
 
     RUN_DIR/config.yaml       the resolved config of the run
     RUN_DIR/metrics.jsonl     one JSON event per line (see metrics.py)
-    RUN_DIR/tokenizer.json    for language models: how to turn ids back into text
+    RUN_DIR/papertrain-tokenizer.json   for language models: how to turn ids back into text
     RUN_DIR/checkpoints/      step_XXXXXXXX folders (see checkpoint.py)
     RUN_DIR/samples/          text and PNG samples, by step
     RUN_DIR/plots/loss.png    loss curves
@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -90,22 +92,72 @@ def load_run_config(run_dir: Path, overrides: list[str] = (), trust: Any = ()) -
                               "(or --trust PACKAGE for a package you trust)") from None
 
 
-def check_resumable(run_dir: Path, tree: dict[str, Any]) -> None:
-    """Refuse to resume a run whose saved config differs from `tree` in keys that change the math."""
+class RunConfigChanged(PapertrainError):
+    """A run directory holds a run whose config differs from this command's in settings that change the
+    math. The CLI adds the commands that do what the user probably meant (papertrain/cli.py)."""
+
+    def __init__(self, run_dir: Path, differing: list[tuple[str, Any, Any]]):
+        self.run_dir, self.differing = run_dir, differing
+        lines = [f"{key}: {old!r} in the run, {new!r} now" for key, old, new in differing[:10]]
+        more = f"\n    ... and {len(differing) - 10} more" if len(differing) > 10 else ""
+        super().__init__(f"{run_dir} holds a run with a different config; resuming it would train something "
+                         "else:\n    " + "\n    ".join(lines) + more,
+                         f"train into a new --run-dir {next_free_run_dir(run_dir)}, or start over here with --restart")
+
+
+def next_free_run_dir(run_dir: Path) -> Path:
+    """runs/gpt -> runs/gpt-2 (or -3, ... whichever does not exist yet)."""
+    n = 2
+    while Path(f"{run_dir}-{n}").exists():
+        n += 1
+    return Path(f"{run_dir}-{n}")
+
+
+@dataclass
+class Extension:
+    """A resumed run told to train for a different number of steps: what changes with its length."""
+
+    old_max_steps: int
+    new_max_steps: int
+    following: dict[str, tuple[Any, Any]]  # settings that follow ${trainer.max_steps}: key -> (old, new)
+
+    def describe(self) -> str:
+        moved = "; ".join(f"{k} {old} -> {new}" for k, (old, new) in self.following.items())
+        return (f"the run's length changes from {self.old_max_steps} to {self.new_max_steps} steps"
+                + (f": {moved} (the steps still to come follow the schedule of a run planned for "
+                   f"{self.new_max_steps} steps)" if moved else ""))
+
+
+def check_resumable(run_dir: Path, config: Any) -> Extension | None:
+    """Refuse to resume a run whose saved config differs from `config` (a LoadedConfig) in settings that
+    change the math; say what changes when the run's length does.
+
+    What may differ: RESUMABLE_CHANGES and `strategy.*`; a setting the saved config lacks and this one
+    fills with its default (a run directory written before defaults were saved); and any setting that
+    follows `${trainer.max_steps}` in this config and equalled the run's length in the saved one (a
+    schedule's total_steps): extending a run stretches its schedule, by the rule in the README."""
     saved_config = saved_tree(run_dir)
     if saved_config is None:
-        return
-    saved = flatten(saved_config)
-    new = flatten(tree)
-    differing = sorted(k for k in saved.keys() | new.keys()
-                       if saved.get(k) != new.get(k) and k not in RESUMABLE_CHANGES
-                       and not k.startswith(RESUMABLE_SECTIONS))
+        return None
+    saved, new = flatten(saved_config), flatten(config.tree)
+    length = "trainer.max_steps"
+    following: dict[str, tuple[Any, Any]] = {}
+    differing = []
+    for key in sorted(saved.keys() | new.keys()):
+        old, now = saved.get(key, "<unset>"), new.get(key, "<unset>")
+        if old == now or key in RESUMABLE_CHANGES or key.startswith(RESUMABLE_SECTIONS):
+            continue
+        if key not in saved and key in config.defaults:
+            continue
+        if length in config.follows(key) and old == saved.get(length) and now == new.get(length):
+            following[key] = (old, now)
+            continue
+        differing.append((key, old, now))
     if differing:
-        lines = [f"{k}: {saved.get(k, '<unset>')!r} in the run, {new.get(k, '<unset>')!r} now" for k in differing[:10]]
-        raise PapertrainError(
-            f"{run_dir} holds a run with a different config; resuming it would train something else:\n    "
-            + "\n    ".join(lines),
-            f"start a new run with --run-dir {run_dir}-2 (or delete {run_dir} to start over)")
+        raise RunConfigChanged(run_dir, differing)
+    if saved.get(length) != new.get(length):
+        return Extension(saved.get(length), new.get(length), following)
+    return None
 
 
 def check_writable(run_dir: Path) -> None:
@@ -178,3 +230,40 @@ class RunDirLock:
         if not self.handle.closed:
             fcntl.flock(self.handle, fcntl.LOCK_UN)
             self.handle.close()
+
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "papertrain-tokenizer.json", "tokenizer.json", "checkpoints", "samples", "plots",
+             "tensorboard", "eval", "warnings.log")
+
+
+def clear_run_dir(run_dir: Path) -> int | None:
+    """`--restart`: remove what a previous run left in `run_dir`, so that this one starts from step 0.
+    Returns the step the removed run had reached (None if there was nothing to remove).
+
+    Only a folder papertrain wrote is cleared (it holds config.yaml), and only while no process of
+    another run holds its lock; only papertrain's own files go, anything else the user put there stays."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        return None
+    if saved_tree(run_dir) is None and not (run_dir / "checkpoints").is_dir():
+        if any(run_dir.iterdir()):
+            raise PapertrainError(f"--restart: {run_dir} is not a run directory (it has no config.yaml), so "
+                                  "nothing in it is removed", "give a run directory papertrain wrote, or another --run-dir")
+        return None
+    lock = RunDirLock(run_dir)  # refuses while another run lives
+    try:
+        from papertrain.checkpoint import CheckpointDir
+
+        newest = CheckpointDir(run_dir / "checkpoints", keep_last=1).latest() if (run_dir / "checkpoints").is_dir() else None
+        reached = newest[0] if newest is not None else 0
+        for name in RUN_FILES:
+            path = run_dir / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+        for stray in run_dir.glob("damaged-step_*"):
+            shutil.rmtree(stray, ignore_errors=True)
+        return reached
+    finally:
+        lock.release()

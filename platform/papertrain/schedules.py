@@ -70,3 +70,29 @@ class Noam(LRScheduler):
 
     def get_lr(self) -> list[float]:
         return [base * self.multiplier(self.last_epoch) for base in self.base_lrs]
+
+
+def load_schedule_progress(scheduler: LRScheduler, saved: dict) -> list[str]:
+    """Restore where a schedule is (its step, base rates, last rates) from a checkpoint, keeping the
+    *settings* it was built with from this run's config; return the settings that differ from the saved ones.
+
+    torch's `LRScheduler.state_dict` holds every attribute, settings included, so a plain load would put
+    back the old `total_steps` of a run that is being extended. Settings are the constructor's arguments.
+    When one differs, the rates are recomputed for the current step from the new settings (closed form),
+    so the next step already follows the new schedule; an unchanged schedule resumes bit for bit."""
+    import inspect
+
+    names = [name for name in inspect.signature(type(scheduler).__init__).parameters
+             if name not in ("self", "optimizer", "last_epoch", "verbose") and hasattr(scheduler, name)]
+    settings = {name: getattr(scheduler, name) for name in names}
+    scheduler.load_state_dict(saved)
+    changed = [name for name, value in settings.items() if getattr(scheduler, name) != value]
+    for name, value in settings.items():
+        setattr(scheduler, name, value)
+    if changed:
+        closed_form = getattr(scheduler, "_get_closed_form_lr", None)
+        rates = closed_form() if callable(closed_form) else scheduler.get_lr()
+        for group, rate in zip(scheduler.optimizer.param_groups, rates):
+            group["lr"] = rate
+        scheduler._last_lr = list(rates)
+    return changed

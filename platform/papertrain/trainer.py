@@ -37,14 +37,16 @@ from papertrain.data.batches import IndexedBatches, SourceBatches, is_stateful_s
 from papertrain.distributed import disconnect
 from papertrain.errors import PapertrainError
 from papertrain.evaluation import Evaluator, write_samples
-from papertrain.metrics import MetricsLog, Progress, last_values, plot_curves, read_metrics, truncate_metrics
+from papertrain.metrics import MetricsLog, Progress, format_count, last_values, plot_curves, read_metrics, truncate_metrics
 from papertrain.modelbuild import model_builder
-from papertrain.rundir import RunDirLock, check_resumable, check_writable
+from papertrain.rundir import Extension, RunDirLock, check_resumable, check_writable, clear_run_dir
+from papertrain.schedules import load_schedule_progress
 from papertrain.seeding import rank_seed, seed_everything, set_deterministic
 from papertrain.steps import StepContext, default_step, step_units
 from papertrain.stopping import StopRequest
 from papertrain.strategies import Strategy, build_strategy
 from papertrain.trainlog import LogWindow, MemoryProbe, TrainingLog
+from papertrain.warnlog import ThirdPartyWarnings
 
 
 @dataclass
@@ -52,10 +54,11 @@ class RunResult:
     run_dir: Path
     status: str  # "completed", "interrupted" or "already complete"
     step: int
-    wall_s: float
+    wall_s: float  # the whole run's training time, over every segment (a resumed run has several)
     metrics: dict[str, Any] = field(default_factory=dict)
     samples: list[Path] = field(default_factory=list)
     plot: Path | None = None
+    segments: int = 1  # how many commands trained it (1 + the number of resumes)
 
 
 def weight_decay_groups(model: nn.Module) -> list[dict[str, Any]]:
@@ -75,8 +78,9 @@ def weight_decay_groups(model: nn.Module) -> list[dict[str, Any]]:
 
 
 class Trainer:
-    def __init__(self, config: LoadedConfig, run_dir: Path, strategy: Strategy | None = None):
+    def __init__(self, config: LoadedConfig, run_dir: Path, strategy: Strategy | None = None, restart: bool = False):
         self.config = config
+        self.restart = restart  # clear what a previous run left in run_dir, then start at step 0
         self.cfg = config.run
         self.tc = config.run.trainer
         self.run_dir = Path(run_dir)
@@ -85,6 +89,8 @@ class Trainer:
         self.sample_paths: list[Path] = []
         self.evaluated_step = self.sampled_step = -1
         self.owns_process_group = False
+        self.extension: Extension | None = None
+        self.history: list[dict[str, Any]] = []  # the earlier segments of this run (from its checkpoint)
 
     @property
     def step(self) -> int:
@@ -111,7 +117,11 @@ class Trainer:
         self._check_batch_size()
         if strategy.is_main:
             check_writable(self.run_dir)  # before any work: a read-only or missing disk says so now
-        check_resumable(self.run_dir, self.config.tree)  # and a mismatched run is refused early
+        if self.restart:
+            if strategy.is_main:
+                self.restarted_from = clear_run_dir(self.run_dir)
+            strategy.barrier()
+        self.extension = check_resumable(self.run_dir, self.config)  # and a mismatched run is refused early
 
         self.data = self.config.build("data") if cfg.data is not None else None
         self.model, self.optimizers = strategy.prepare(
@@ -143,6 +153,8 @@ class Trainer:
         if strategy.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         strategy.barrier()
+        if getattr(self, "warnings", None) is not None:
+            self.warnings.attach(self.run_dir)
         self.lock = RunDirLock(self.run_dir, strategy)
         self.checkpointer = Checkpointer(self.run_dir, strategy, tc.keep_last)
         if strategy.is_main:
@@ -163,7 +175,7 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(dump_yaml(self.config.tree))
             tokenizer = getattr(self.data, "tokenizer", None)
             if tokenizer is not None and hasattr(tokenizer, "to_json"):
-                (self.run_dir / "tokenizer.json").write_text(json.dumps(tokenizer.to_json()))
+                (self.run_dir / "papertrain-tokenizer.json").write_text(json.dumps(tokenizer.to_json()))
 
     def _build_optimizers(self, model: nn.Module) -> dict[str, torch.optim.Optimizer]:
         """`optimizer:` (one, over every parameter) or `optimizers:` (each over the part it names)."""
@@ -213,9 +225,10 @@ class Trainer:
             return
         schedulers = state.get("schedulers") or {"optimizer": state.get("scheduler")}
         for name, scheduler in self.schedulers.items():
-            if schedulers.get(name) is not None:
-                scheduler.load_state_dict(schedulers[name])
+            if schedulers.get(name) is not None:  # where the schedule is; its settings stay the config's
+                load_schedule_progress(scheduler, schedulers[name])
         self.ctx.step = self.evaluated_step = self.sampled_step = state["step"]
+        self.history = list(state.get("history") or [])
         if state.get("window"):
             self.window.restore(state["window"], self.strategy.is_main)
         if self.strategy.is_main:
@@ -224,6 +237,8 @@ class Trainer:
     # == the loop =======================================================================================
     def run(self) -> RunResult:
         started = time.perf_counter()
+        self.warnings = ThirdPartyWarnings(int(os.environ.get("RANK", "0") or 0))
+        self.warnings.install()  # other packages' warnings -> RUN_DIR/warnings.log (papertrain/warnlog.py)
         try:
             self.setup()
             return self._run(started)
@@ -231,14 +246,22 @@ class Trainer:
             self._close()
 
     def _run(self, started: float) -> RunResult:
+        self.segment = {"from_step": self.step, "max_steps": self.tc.max_steps, "started": round(time.time(), 1),
+                        "clock": started}
+        if self.extension is not None:
+            self.segment["extended"] = {"from": self.extension.old_max_steps, "to": self.extension.new_max_steps,
+                                        **{k: list(v) for k, v in self.extension.following.items()}}
         if self.step >= self.tc.max_steps:
-            return RunResult(self.run_dir, "already complete", self.step, 0.0,
-                             last_values(read_metrics(self.run_dir / "metrics.jsonl")))
+            return RunResult(self.run_dir, "already complete", self.step,
+                             sum(segment.get("wall_s", 0.0) for segment in self.history),
+                             last_values(read_metrics(self.run_dir / "metrics.jsonl")), segments=len(self.history))
         self._announce()
         progress = Progress(self.tc.progress, self.tc.max_steps, self.step, enabled=self.strategy.is_main)
         self.log = TrainingLog(self.metrics, progress, self.strategy, self.task_unit, self.tc.max_steps)
         self.stop.install()
         try:
+            if self.tc.eval_every and self.step == 0:
+                self._evaluate()  # where the curve starts: the validation loss of the untrained model
             status = self.train()
             self._finish(final=status == "completed")
         finally:
@@ -246,12 +269,16 @@ class Trainer:
             progress.close()
         plot = self._plot() if self.strategy.is_main and self.tc.plot else None
         metrics = last_values(read_metrics(self.run_dir / "metrics.jsonl")) if self.strategy.is_main else {}
-        wall = time.perf_counter() - started
+        segments = self._segments()
+        wall = sum(segment["wall_s"] for segment in segments)
+        if self.strategy.is_main and getattr(self, "warnings", None) is not None and self.warnings.summary():
+            print(self.warnings.summary(), flush=True)
         if self.strategy.is_main and status == "completed":
             summary = {"status": status, "step": self.step, "wall_s": round(wall, 1),
-                       **{k: v for k, v in metrics.items() if k != "time" and not isinstance(v, str)}}
+                       **{k: v for k, v in metrics.items() if k != "time" and not isinstance(v, str)},
+                       "segments": segments}
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        return RunResult(self.run_dir, status, self.step, wall, metrics, self.sample_paths, plot)
+        return RunResult(self.run_dir, status, self.step, wall, metrics, self.sample_paths, plot, len(segments))
 
     def train(self) -> str:
         tc, ctx = self.tc, self.ctx
@@ -358,9 +385,16 @@ class Trainer:
         self.checkpointer.commit_pending()
         schedulers = {name: s.state_dict() for name, s in self.schedulers.items()}
         state = {"step": self.step, "schedulers": schedulers, "scheduler": schedulers.get("optimizer"),
+                 "history": self._segments(),
                  "data": self.batches.position(self.step) if self.batches is not None else {"step": self.step},
                  "window": self.window.state(self.strategy)}
         self.checkpointer.save(self.step, self.model, self.optimizers, state, self.named_state)
+
+    def _segments(self) -> list[dict[str, Any]]:
+        """The earlier segments of this run and this one so far: steps, length asked for, training time."""
+        current = {k: v for k, v in self.segment.items() if k != "clock"}
+        current.update(to_step=self.step, wall_s=round(time.perf_counter() - self.segment["clock"], 2))
+        return [*self.history, current]
 
     def _finish(self, final: bool) -> None:
         if final:
@@ -376,10 +410,13 @@ class Trainer:
 
     def _plot(self) -> Path | None:
         name = self.cfg.name or self.run_dir.name
-        return plot_curves(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "plots" / "loss.png", name)
+        return plot_curves(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "plots" / "loss.png", name,
+                           getattr(self.task, "loss_unit", None))
 
     # == around the run =================================================================================
     def _close(self) -> None:
+        if getattr(self, "warnings", None) is not None:
+            self.warnings.uninstall()
         if hasattr(self, "metrics"):
             self.metrics.close()
         if self.strategy is not None:
@@ -398,9 +435,10 @@ class Trainer:
     def _announce(self) -> None:
         if not self.strategy.is_main:
             return
-        n_params = sum(p.numel() for p in self.raw_model.parameters())
+        # (a DeepSpeed ZeRO-3 parameter is an empty placeholder on each rank: ds_numel is its real size)
+        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.raw_model.parameters())
         n_params += sum(b.numel() for b in self.raw_model.buffers() if b.dtype == torch.int8)  # int8 weights
-        n_trainable = sum(p.numel() for p in self.raw_model.parameters() if p.requires_grad)
+        n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in self.raw_model.parameters() if p.requires_grad)
         frozen = (f" ({n_trainable:,} trainable, {100 * n_trainable / max(n_params, 1):.2f}%)"
                   if n_trainable < n_params else "")
         sources = [f"weights from {self.cfg.pretrained.path}"] if self.cfg.pretrained else []
@@ -408,12 +446,17 @@ class Trainer:
         describe = getattr(self.data, "describe", None)
         lines = [f"run dir: {self.run_dir}",
                  f"model:   {getattr(self.raw_model, 'display_name', type(self.raw_model).__name__)}, "
-                 f"{n_params / 1e6:.2f}M parameters{frozen}"
+                 f"{format_count(n_params)} parameters{frozen}"
                  + (f"; {', '.join(sources)}" if sources else ""),
                  f"data:    {describe() if describe else type(self.data).__name__ if self.data is not None else 'none'}",
                  f"device:  {self.strategy.describe()}, global batch {self.tc.batch_size}"]
         if self.step:
             lines.append(f"resumed: from {self.checkpointer.resumed_from} (step {self.step})")
+        if getattr(self, "restarted_from", None) is not None:
+            lines.append(f"restart: removed the previous run in {self.run_dir} (it had reached step "
+                         f"{self.restarted_from}); starting at step 0")
+        if self.extension is not None and self.step:
+            lines.append(f"extend:  {self.extension.describe()}")
         print("\n".join(lines), flush=True)
 
 

@@ -97,6 +97,19 @@ def test_dry_run_prints_the_sbatch_script(capsys: pytest.CaptureFixture[str], tm
     assert not (tmp_path / "sweep").exists(), "a dry run writes nothing"
 
 
+def test_the_job_runs_the_python_of_the_environment_its_setup_activates(tmp_path: Path) -> None:
+    import sys
+
+    from papertrain.cluster.submit import interpreter
+
+    example = load_profile("example")  # its setup sources a venv: that venv's python must run, not ours
+    assert any("activate" in line for line in example.setup) and interpreter(example) == "python"
+    for setup in (["conda activate train"], ["module load python/3.11"], ["source ~/env/bin/activate"]):
+        assert interpreter(ClusterProfile(setup=setup)) == "python", setup
+    assert interpreter(ClusterProfile(setup=["module load cuda/12.4"])) == sys.executable  # no environment
+    assert interpreter(ClusterProfile(setup=["source x/bin/activate"], python="/opt/py/bin/python3")) == "/opt/py/bin/python3"
+
+
 def submit_error(capsys: pytest.CaptureFixture[str], *args: str) -> str:
     assert main(["submit", *args]) == 2
     return capsys.readouterr().err

@@ -71,7 +71,7 @@ def test_evaluation_uses_the_average_and_training_never_sees_it(tmp_path: Path) 
     assert losses(tmp_path / "with") == losses(tmp_path / "without")  # the swap is undone before each step
     val = [[e["val/loss"] for e in read_metrics(tmp_path / name / "metrics.jsonl") if "val/loss" in e]
            for name in ("with", "without")]
-    assert len(val[0]) == 3 and val[0] != val[1]
+    assert len(val[0]) == 4 and val[0] != val[1]  # steps 0 (the untrained model), 2, 4, 6
     for name, p in with_average.raw_model.named_parameters():  # the trained weights are back in the model
         assert torch.equal(p, dict(without.raw_model.named_parameters())[name])
 

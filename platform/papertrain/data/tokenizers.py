@@ -29,6 +29,8 @@ class Tokenizer(Protocol):
 class CharTokenizer:
     """One id per distinct character of the corpus, in sorted order (tiny Shakespeare: 65)."""
 
+    kind = "char"
+
     def __init__(self, alphabet: str):
         self.alphabet = "".join(sorted(set(alphabet)))
         self.ids = {ch: i for i, ch in enumerate(self.alphabet)}

@@ -136,11 +136,13 @@ NAMED_OPTIMIZERS = "named_optimizers"  # several optimizers, each over a part of
 NO_OPTIMIZER = "no_optimizer"  # solvers: nothing to optimize by gradient (CFR)
 REPEATED_BACKWARD = "repeated_backward"  # more than one backward pass per step (a curvature pass)
 STAGED_MODEL = "staged_model"  # needs a model that declares pipeline_layout() (the pipeline)
+FROZEN_PARAMETERS = "frozen_parameters"  # a model part of which does not train (LoRA, biases-only, int8 weights)
 CAPABILITIES = {
     CUSTOM_STEP: "a task that defines its own train_step",
     NAMED_OPTIMIZERS: "several named optimizers (`optimizers:`)",
     NO_OPTIMIZER: "no optimizer (a solver: `optimizer: null`)",
     REPEATED_BACKWARD: "an extra backward pass before a step (a callback's, e.g. Sophia's curvature pass)",
+    FROZEN_PARAMETERS: "a model with frozen parameters (a LoRA, biases-only or int8 finetune)",
 }
 
 
@@ -150,7 +152,7 @@ class Strategy:
 
     name = "base"
     checkpoint_format = FORMAT
-    capabilities: frozenset[str] = frozenset({CUSTOM_STEP, NAMED_OPTIMIZERS, REPEATED_BACKWARD})
+    capabilities: frozenset[str] = frozenset({CUSTOM_STEP, NAMED_OPTIMIZERS, REPEATED_BACKWARD, FROZEN_PARAMETERS})
     limits = ""  # why a capability is missing, for validate's message
     # more than one process, each with its share of every batch (False: one process, or a pipeline's stages)
     multi_process = True
@@ -210,6 +212,12 @@ class Strategy:
     def unwrap(self, model: nn.Module) -> nn.Module:
         """The module itself (for evaluation, sampling, and any method other than forward)."""
         return model
+
+    def whole_model(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """Around evaluation and sampling, which may call any method of the model (greedy decoding calls
+        `encode`), not only `forward`: a strategy whose parameters are whole only while their block's
+        forward runs (zero3_reference) gathers them all here. Others have nothing to do."""
+        return contextlib.nullcontext()
 
     # -- one step -------------------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:

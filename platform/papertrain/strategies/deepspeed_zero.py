@@ -28,8 +28,8 @@ from torch import nn
 
 from papertrain.checkpoint import load_rng, load_train_state, save_rng
 from papertrain.errors import PapertrainError
-from papertrain.strategies.base import (ModelBuilder, Optimizers, OptimizersBuilder, Strategy, checkpoint_activations,
-                                        initialise, local_bytes, refuse_frozen_base_on_meta)
+from papertrain.strategies.base import (FROZEN_PARAMETERS, ModelBuilder, Optimizers, OptimizersBuilder, Strategy,
+                                        checkpoint_activations, initialise, local_bytes, refuse_frozen_base_on_meta)
 
 DEEPSPEED_FOLDER = "deepspeed"
 FORMAT = "deepspeed"
@@ -85,7 +85,7 @@ class DeepSpeed(Strategy):
     checkpoint_format = FORMAT
     # its engine holds one optimizer, steps it inside backward() and keeps gradients in its own partitions:
     # nothing but the default step (one loss, one optimizer, one backward pass per micro-batch)
-    capabilities = frozenset()
+    capabilities = frozenset({FROZEN_PARAMETERS})  # (the biases-only NeoX finetune runs under ZeRO-3)
     limits = "its engine holds one optimizer, steps it inside backward and keeps the gradients in its own partitions"
 
     def deepspeed_config(self, batch_size: int, accumulation: int, grad_clip: float | None) -> dict[str, Any]:

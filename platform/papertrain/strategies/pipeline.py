@@ -33,7 +33,7 @@ from torch import nn
 from papertrain.checkpoint import load_training_state, save_training_state
 from papertrain.distributed import ProcessInfo
 from papertrain.errors import PapertrainError
-from papertrain.strategies.base import ModelBuilder, Strategy, checkpoint_activations
+from papertrain.strategies.base import FROZEN_PARAMETERS, ModelBuilder, Strategy, checkpoint_activations
 
 
 def balanced_split(costs: list[int], first_extra: int, last_extra: int, stages: int) -> list[int]:
@@ -112,7 +112,7 @@ class PipelinedModel(nn.Module):
 class Pipeline(Strategy):
     name = "pipeline"
     # one optimizer per stage over its own layers, the default step only (the schedule below is the step)
-    capabilities = frozenset()
+    capabilities = frozenset({FROZEN_PARAMETERS})
     limits = "its schedule of micro-batches over the stages is the step, with one optimizer per stage"
     requires = "pipeline_layout"  # the model must say how it splits into stages (checked by validate)
 

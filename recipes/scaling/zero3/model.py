@@ -38,7 +38,9 @@ autograd saved for backward, stay valid objects), and gathering resizes it back 
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -130,6 +132,7 @@ class Zero3:
     def __init__(self, model: nn.Module, blocks: list[nn.Module], prefetch: bool = True):
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.prefetch = prefetch
+        self.holding = False  # while True (evaluation: `held`), forward hooks keep every unit gathered
         self.units: list[ShardedUnit] = []
         in_blocks = {id(p) for block in blocks for p in block.parameters()}
         root_params = [(n, p) for n, p in model.named_parameters(remove_duplicate=False) if id(p) not in in_blocks]
@@ -195,7 +198,8 @@ class Zero3:
                 following.gather(asynchronous=True)  # overlap the next block's all-gather with this block
 
         def after_forward(module: nn.Module, args: object, output: object) -> None:
-            unit.release()
+            if not self.holding:
+                unit.release()
 
         def before_backward(module: nn.Module, grad_output: object) -> None:
             unit.wait()
@@ -217,6 +221,20 @@ class Zero3:
                 param.register_post_accumulate_grad_hook(after_gradient)
 
     # -- what the rest of the engine needs --------------------------------------------------------------
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Every unit gathered for the duration, whatever methods run (evaluation calls `encode` and
+        `greedy_decode`, not only forward, and forward hooks alone would leave the root sharded)."""
+        for unit in self.units:
+            unit.wait()
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+            for unit in self.units:
+                unit.release()
+
     def finish_backward(self) -> None:
         """Reduce-scatter any block whose gradients did not all arrive (a parameter unused this step)."""
         for unit in self.units:

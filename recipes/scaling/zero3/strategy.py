@@ -30,9 +30,11 @@ FOLDER = "zero3"
 class Zero3Reference(Strategy):
     name = "zero3_reference"
     checkpoint_format = FORMAT
-    # the default step, and an extra backward pass (gathered by the same hooks); one optimizer over the shards
+    # the default step, and an extra backward pass (gathered by the same hooks); one optimizer over the shards.
+    # Not frozen parameters: a unit's parameters are flattened into one shard that trains as a whole.
     capabilities = frozenset({REPEATED_BACKWARD})
-    limits = "a reference implementation of the sharding: the default step, one optimizer over the shards"
+    limits = ("a reference implementation of the sharding: the default step, one optimizer over the shards, "
+              "every parameter trained")
 
     def build_model(self, build: ModelBuilder) -> nn.Module:
         for option in ("meta_init", "activation_checkpointing", "offload_params", "offload_optimizer"):
@@ -50,6 +52,9 @@ class Zero3Reference(Strategy):
         self.shard_holder = nn.Module()  # what the optimizer sees: this rank's shards, and only them
         self.shard_holder.shards = nn.ParameterList(self.zero.shards())
         return model, build_optimizers(self.shard_holder)
+
+    def whole_model(self, model: nn.Module) -> Any:
+        return self.zero.held()
 
     def clip_and_step(self, model: nn.Module, optimizer: Any, max_norm: float | None,
                       parameters: Any = None) -> torch.Tensor | float | None:

@@ -18,6 +18,7 @@ from papertrain.recipes.lm.sampling.model import Sampler, generate
 
 class LanguageModelTask:
     unit = "tokens"
+    loss_unit = "nats/token"  # the loss plot's axis (nats/char on a character tokenizer: see prepare)
 
     def __init__(self, prompt: str = "\n", sample_tokens: NonNegativeInt = 500, temperature: NonNegativeFloat = 0.8,
                  top_k: PositiveInt | None = None, top_p: Annotated[float, Range(gt=0, le=1)] | None = None):
@@ -36,6 +37,8 @@ class LanguageModelTask:
                                   f"{model.block_size} (the model has no position embedding beyond it)",
                                   f"set model.block_size={data.block_size} or data.block_size={model.block_size}")
         data.tokenizer.encode(self.prompt)  # fail now, not after training, if the prompt cannot be encoded
+        if getattr(data.tokenizer, "kind", None) == "char":
+            self.loss_unit = "nats/char"
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = model(batch["input_ids"])  # [B, T, V]
