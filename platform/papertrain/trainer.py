@@ -91,6 +91,7 @@ class Trainer:
         self.owns_process_group = False
         self.extension: Extension | None = None
         self.history: list[dict[str, Any]] = []  # the earlier segments of this run (from its checkpoint)
+        self.segment: dict[str, Any] | None = None  # this command's part of the run (set when training starts)
 
     @property
     def step(self) -> int:
@@ -392,6 +393,8 @@ class Trainer:
 
     def _segments(self) -> list[dict[str, Any]]:
         """The earlier segments of this run and this one so far: steps, length asked for, training time."""
+        if self.segment is None:  # (saving before _run started: a caller driving setup/train itself)
+            self.segment = {"from_step": self.step, "max_steps": self.tc.max_steps, "clock": time.perf_counter()}
         current = {k: v for k, v in self.segment.items() if k != "clock"}
         current.update(to_step=self.step, wall_s=round(time.perf_counter() - self.segment["clock"], 2))
         return [*self.history, current]
