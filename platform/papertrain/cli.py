@@ -279,7 +279,7 @@ def cmd_rerecord(args: argparse.Namespace) -> int:
         raise PapertrainError("name the recipes to record again, or --stale for every stale or unstamped one",
                               "e.g. papertrain rerecord gpt evidential, or papertrain rerecord --stale")
     chosen = [recipes[n] for n in args.names] or [r for r in recipes.values() if r.result() is not None
-                                                  and (r.stale_parts(recipes) is None or r.stale_parts(recipes))]
+                                                  and r.stale_parts(recipes) != []]  # stale, or unstamped
     if args.dry_run:
         for recipe in chosen:
             print(f"{recipe.name}: {_code_since(recipe, recipes)}")

@@ -38,7 +38,7 @@ def evaluate_run(run_dir: Path, split: str = "test", step: int | None = None, de
     from papertrain.artifacts import prepare_artifacts
     from papertrain.config.schema import StrategyConfig
     from papertrain.evaluation import Evaluator
-    from papertrain.generation import _load_checkpoint
+    from papertrain.generation import load_checkpoint_into
     from papertrain.modelbuild import model_builder
     from papertrain.rundir import load_run_config
     from papertrain.seeding import seed_everything
@@ -60,7 +60,7 @@ def evaluate_run(run_dir: Path, split: str = "test", step: int | None = None, de
                               + (f" (it has {', '.join(present)})" if present else " (it has no data set)"),
                               f"use --split {present[-1]}" if present else "evaluate a recipe trained on a data set")
     model = model_builder(config, strategy.device, "single", "fp32", training=False)()
-    folder = _load_checkpoint(model, run_dir, step)
+    folder = load_checkpoint_into(model, run_dir, step)
     model = model.to(strategy.device).eval()
     step_of = int(folder.name.removeprefix("step_"))
     task = config.build("task")

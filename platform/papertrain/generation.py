@@ -54,7 +54,7 @@ def load_for_generation(target: str, overrides: list[str], device: str = "auto",
     seed_everything(config.run.seed)  # a frozen random base (no pretrained weights) is rebuilt from the seed
     model = model_builder(config, chosen, "single", "fp32", training=False)()
     if from_run:
-        folder = _load_checkpoint(model, run_dir, step)
+        folder = load_checkpoint_into(model, run_dir, step)
         tokenizer = run_tokenizer(run_dir, config)
         if tokenizer is None:
             tokenizer = _tokenizer_of(config)  # raises the clear error
@@ -119,7 +119,7 @@ def _tokenizer_of(config: LoadedConfig):
     return tokenizer
 
 
-def _load_checkpoint(model: nn.Module, run_dir: Path, step: int | None) -> Path:
+def load_checkpoint_into(model: nn.Module, run_dir: Path, step: int | None) -> Path:
     """The checkpoint's weights into the freshly built model (a finetune's checkpoint holds only what
     training changed; the frozen base came from the config). Returns the checkpoint's folder."""
     from papertrain.checkpoint import has_frozen_base

@@ -138,6 +138,6 @@ def load_config(path: str | Path, overrides: Sequence[str] = (), trust: Sequence
         raise ConfigError(str(path), issues)
     from papertrain.config.defaults import fill_defaults
 
-    defaults = fill_defaults(tree, origins, policy)  # every setting the run will use, written out
+    defaults = fill_defaults(tree, policy)  # every setting the run will use, written out
     return LoadedConfig(source=path, tree=tree, run=build_dataclass(RunConfig, tree), origins=origins, policy=policy,
                         references=references, defaults=defaults)

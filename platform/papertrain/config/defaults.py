@@ -24,12 +24,11 @@ import typing
 from typing import Any
 
 from papertrain.config.components import COMPONENT_KEY, ComponentNotFound, ComponentPolicy, locate
-from papertrain.config.yamlfile import Origins
 
 SUPPLIED_BY_ENGINE = {"params", "optimizer", "self"}
 
 
-def fill_defaults(tree: dict[str, Any], origins: Origins, policy: ComponentPolicy) -> dict[str, str]:
+def fill_defaults(tree: dict[str, Any], policy: ComponentPolicy) -> dict[str, str]:
     """Fill `tree` in place with the defaults it leaves unsaid; return {dotted key: where the default is}."""
     from papertrain.config.schema import RunConfig
 
